@@ -1,0 +1,532 @@
+"""Hessians of the training loss: exact Hessian-vector products and the spectrum computed from them.
+
+The operator is the Hessian of the mean cross-entropy over (X, y), split into consecutive chunks of
+`batch_size` examples. It works on a private copy of the model, so measuring never changes the model
+(parameters, BatchNorm buffers, `training` flags) nor the global random state.
+
+Hessian-vector products use double backward (`torch.autograd.grad` with `create_graph=True`, then a
+second `grad`). `torch.func`'s `jvp(jacrev(f))` and `torch.func.hessian` are silently wrong through
+train-mode BatchNorm in torch 2.14 (pytorch/pytorch#196699) and are not used. While the memory budget
+allows, the first-order graph of each chunk is built once and every product reuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("train", "eval")
+DROPOUT_MODES = ("off", "fixed")
+
+
+class _FixedDropout(nn.Module):
+    """Dropout whose mask depends only on (seed, chunk, layer): the same mask in every product."""
+
+    def __init__(self, p: float, layer: int, state: dict):
+        super().__init__()
+        self.p, self.layer, self.state = p, layer, state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0:
+            return x
+        gen = torch.Generator(device=x.device)
+        gen.manual_seed(hash((self.state["seed"], self.state["chunk"], self.layer)) % (2 ** 63))
+        keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.p
+        return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+@contextlib.contextmanager
+def no_tf32():
+    """Full float32 precision in matmuls and convolutions (TF32 off) for the duration."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the operator may keep for reused graphs: half the free GPU memory, a quarter of free RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return int(info.get("MemAvailable", 8 << 30) * 0.25)
+    except OSError:
+        return 2 << 30
+
+
+class HessianOperator:
+    """The Hessian of the mean cross-entropy over (X, y) as a symmetric linear operator."""
+
+    def __init__(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                 mode: str = "train", dropout: str = "off", dtype: torch.dtype | None = None,
+                 seed: int = 0, memory_budget: int | None = None):
+        _check_inputs(model, X, y, batch_size, mode, dropout)
+        self.mode, self.dropout, self.seed, self.batch_size = mode, dropout, seed, int(batch_size)
+        self.model, self._dropout_state = _measurement_copy(model, mode, dropout, dtype, seed)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.X = X.to(self.device, self.dtype)
+        self.y = y.to(self.device)
+        self.n_examples = len(y)
+        self.numel = sum(p.numel() for p in self.params)
+        self.chunks = [(s, min(s + self.batch_size, self.n_examples))
+                       for s in range(0, self.n_examples, self.batch_size)]
+        self.matvecs = 0
+        self.memory_budget = (default_memory_budget(self.device) if memory_budget is None
+                              else int(memory_budget))
+        self._graphs: list[tuple[torch.Tensor, ...]] | None = None  # cached first-order graphs
+        self.graph_bytes_per_chunk = 0
+
+    # -- the operator ---------------------------------------------------------------------------
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """H v for a flat vector v of length `numel` (same device and dtype as the operator)."""
+        if v.shape != (self.numel,):
+            raise ValueError(f"vector of shape {tuple(v.shape)} given, operator has size {self.numel}")
+        v = v.to(self.device, self.dtype)
+        views = _split(v, self.params)
+        out = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+        with no_tf32():
+            if self._graphs is None:
+                self._build_graphs()
+            for i in range(len(self.chunks)):
+                cached = i < len(self._graphs)
+                grads = self._graphs[i] if cached else self._chunk_gradient(i, create_graph=True)
+                out += _second_grad(grads, self.params, views, retain=cached)
+        self.matvecs += 1
+        return out
+
+    __matmul__ = matvec
+
+    def gradient(self) -> torch.Tensor:
+        """The flat gradient of the loss over all chunks (no graph kept)."""
+        total = torch.zeros(self.numel, device=self.device, dtype=self.dtype)
+        with no_tf32():
+            for i in range(len(self.chunks)):
+                total += torch.cat([g.reshape(-1) for g in self._chunk_gradient(i, create_graph=False)])
+        return total
+
+    def loss(self) -> float:
+        """The mean cross-entropy over all examples."""
+        total = 0.0
+        with torch.no_grad(), no_tf32():
+            for i, (s, e) in enumerate(self.chunks):
+                total += float(self._chunk_loss(i, s, e))
+        return total
+
+    def release(self) -> None:
+        """Free the cached graphs (they are rebuilt on the next product)."""
+        self._graphs = None
+
+    def as_linear_operator(self):
+        """A scipy LinearOperator (float64 numpy vectors) over this operator."""
+        from scipy.sparse.linalg import LinearOperator
+
+        def mv(x):
+            v = torch.as_tensor(np.asarray(x).reshape(-1), dtype=self.dtype, device=self.device)
+            return self.matvec(v).detach().cpu().to(torch.float64).numpy()
+
+        return LinearOperator((self.numel, self.numel), matvec=mv, dtype=np.float64)
+
+    def flat_parameters(self) -> torch.Tensor:
+        """The parameters of the measured copy as one flat vector."""
+        return torch.cat([p.detach().reshape(-1) for p in self.params])
+
+    # -- internals ------------------------------------------------------------------------------
+    def _chunk_loss(self, i: int, s: int, e: int) -> torch.Tensor:
+        self._dropout_state["chunk"] = i
+        out = self.model(self.X[s:e])
+        return F.cross_entropy(out, self.y[s:e], reduction="sum") / self.n_examples
+
+    def _chunk_gradient(self, i: int, create_graph: bool) -> tuple[torch.Tensor, ...]:
+        s, e = self.chunks[i]
+        with torch.enable_grad():
+            loss = self._chunk_loss(i, s, e)
+            return torch.autograd.grad(loss, self.params, create_graph=create_graph)
+
+    def _build_graphs(self) -> None:
+        """Keep the first-order graphs of as many chunks as the memory budget allows."""
+        self._graphs = []
+        if self.memory_budget <= 0:
+            return
+        grads, nbytes = _measured(lambda: self._chunk_gradient(0, create_graph=True))
+        self.graph_bytes_per_chunk = nbytes
+        keep = len(self.chunks) if nbytes == 0 else min(len(self.chunks), self.memory_budget // nbytes)
+        if keep >= 1:
+            self._graphs.append(grads)
+        for i in range(1, keep):
+            self._graphs.append(self._chunk_gradient(i, create_graph=True))
+
+
+def _measured(fn):
+    """Run fn and count the bytes of the tensors its autograd graph saves (distinct storages)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+        except Exception:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    grad_bytes = sum(g.numel() * g.element_size() for g in out)
+    return out, sum(seen.values()) + grad_bytes
+
+
+def _second_grad(grads, params, views, retain: bool) -> torch.Tensor:
+    pairs = [(g, v) for g, v in zip(grads, views) if g.requires_grad]
+    hv = torch.autograd.grad([g for g, _ in pairs], params, grad_outputs=[v for _, v in pairs],
+                             retain_graph=retain, allow_unused=True)
+    return torch.cat([(h if h is not None else torch.zeros_like(p)).reshape(-1)
+                      for h, p in zip(hv, params)])
+
+
+def _split(v: torch.Tensor, params) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for p in params:
+        views.append(v[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
+def _measurement_copy(model: nn.Module, mode: str, dropout: str, dtype, seed: int):
+    """A copy of the model that computes the loss deterministically and updates nothing."""
+    state = {"seed": seed, "chunk": 0}
+    twin = copy.deepcopy(model)
+    if dtype is not None:
+        twin = twin.to(dtype)
+    twin.eval()  # dropout off, BatchNorm on running statistics ...
+    layer = 0
+    for module in list(twin.modules()):
+        if mode == "train" and isinstance(module, nn.modules.batchnorm._BatchNorm):
+            # ... unless train mode: batch statistics, with no buffers to update
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+        if dropout == "fixed":
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.modules.dropout._DropoutNd):
+                    setattr(module, name, _FixedDropout(child.p, layer, state))
+                    layer += 1
+    for p in twin.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    return twin, state
+
+
+def _check_inputs(model, X, y, batch_size, mode, dropout) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if dropout not in DROPOUT_MODES:
+        raise ValueError(f"dropout must be one of {DROPOUT_MODES}, got {dropout!r}")
+    if len(X) == 0:
+        raise ValueError("no data: X is empty")
+    if len(X) != len(y):
+        raise ValueError(f"X has {len(X)} examples but y has {len(y)}")
+    if int(batch_size) < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    params = list(model.parameters())
+    if not params:
+        raise ValueError("the model has no parameters")
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise ValueError("the model has non-finite parameters (NaN or inf)")
+
+
+# -- Lanczos ------------------------------------------------------------------------------------
+
+@dataclass
+class Spectrum:
+    """Extreme eigenvalues with their relative residuals ||Hv - λv|| / |λ| and the cost."""
+
+    eigenvalues: list[float]
+    residuals: list[float]
+    matvecs: int
+    converged: bool
+    eigenvectors: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _Basis:
+    """An orthonormal basis of vectors stored as rows of a growing tensor."""
+
+    def __init__(self, n: int, device, dtype):
+        self.rows = torch.empty((8, n), device=device, dtype=dtype)
+        self.m = 0
+
+    def view(self) -> torch.Tensor:
+        return self.rows[:self.m]
+
+    def append(self, v: torch.Tensor) -> None:
+        if self.m == len(self.rows):
+            grown = torch.empty((2 * len(self.rows), self.rows.shape[1]),
+                                device=self.rows.device, dtype=self.rows.dtype)
+            grown[:self.m] = self.rows
+            self.rows = grown
+        self.rows[self.m] = v
+        self.m += 1
+
+    def orthogonalize(self, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """w minus its projection on the basis (Gram-Schmidt twice), and the coefficients."""
+        V = self.view()
+        c = V @ w
+        w = w - c @ V
+        c2 = V @ w
+        w = w - c2 @ V
+        return w, (c + c2).double().cpu().numpy()
+
+
+def _random_unit(n: int, gen: torch.Generator, device, dtype) -> torch.Tensor:
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    return (v / v.norm()).to(device, dtype)
+
+
+def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
+            max_matvecs: int = 500, seed: int = 0, device=None, dtype=torch.float32,
+            max_basis: int | None = None, eigenvectors: bool = False) -> Spectrum:
+    """k extreme eigenvalues (LA: largest, SA: smallest algebraic) of a symmetric operator.
+
+    Lanczos with full reorthogonalization and thick restarts; stops when every wanted Ritz value
+    has a relative residual below `tol` (relative to |λ| for LA, to the largest |Ritz value| for SA).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    if k > n:
+        raise ValueError(f"k={k} exceeds the operator size {n}")
+    if which not in ("LA", "SA"):
+        raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
+    max_basis = min(n, max_basis or max(2 * k + 30, 40))
+    gen = torch.Generator().manual_seed(seed)
+    basis = _basis_start(n, gen, device, dtype)
+    T = np.zeros((max_basis + 1, max_basis + 1))
+    matvecs, converged = 0, False
+    while True:
+        m = basis.m
+        w = matvec(basis.rows[m - 1])
+        matvecs += 1
+        w, c = basis.orthogonalize(w)
+        T[:m, m - 1] = c
+        T[m - 1, :m] = c
+        beta = float(w.norm())
+        theta, S = np.linalg.eigh(T[:m, :m])
+        order = np.argsort(-theta) if which == "LA" else np.argsort(theta)
+        idx = order[:k]
+        scale = np.abs(theta[idx]) if which == "LA" else np.full(len(idx), np.abs(theta).max())
+        rel = beta * np.abs(S[m - 1, idx]) / np.maximum(scale, 1e-30)
+        exhausted = beta <= 1e-12 * max(np.abs(theta).max(), 1e-30) or m == n
+        if len(idx) == k and (np.all(rel < tol) or exhausted):
+            converged = True
+            break
+        if matvecs >= max_matvecs:
+            break
+        if exhausted:  # invariant subspace found before k values: continue from a fresh direction
+            w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
+            beta = float(w.norm())
+        if m == max_basis:  # thick restart: keep the best Ritz vectors, then the residual direction
+            p = min(m - 1, max(k + 10, max_basis // 2))
+            keep = order[:p]
+            Y = torch.as_tensor(S[:, keep].T.copy(), device=basis.rows.device, dtype=basis.rows.dtype)
+            basis.rows[:p] = Y @ basis.view()
+            basis.m = p
+            T[:] = 0.0
+            T[np.arange(p), np.arange(p)] = theta[keep]
+            theta, S, idx = theta[keep], np.eye(p), np.arange(min(k, p))
+        basis.append(w / beta)
+    vectors = None
+    if eigenvectors:
+        Y = torch.as_tensor(S[:, idx].T.copy(), device=basis.rows.device, dtype=basis.rows.dtype)
+        vectors = Y @ basis.rows[:S.shape[0]]
+    if not converged:
+        warnings.warn(f"Lanczos did not converge in {matvecs} Hessian-vector products: relative "
+                      f"residuals {', '.join(f'{r:.2e}' for r in rel)} > tol {tol:g}", RuntimeWarning,
+                      stacklevel=3)
+    return Spectrum([float(x) for x in theta[idx]], [float(r) for r in rel], matvecs, converged, vectors)
+
+
+def _basis_start(n, gen, device, dtype) -> _Basis:
+    basis = _Basis(n, device, dtype)
+    basis.append(_random_unit(n, gen, device, dtype))
+    return basis
+
+
+def lanczos_tridiagonal(matvec, v0: torch.Tensor, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Ritz values and squared first components of their vectors after `steps` Lanczos steps from v0."""
+    basis = _Basis(len(v0), v0.device, v0.dtype)
+    basis.append(v0 / v0.norm())
+    T = np.zeros((steps, steps))
+    for j in range(steps):
+        w, c = basis.orthogonalize(matvec(basis.rows[j]))
+        T[:j + 1, j] = c
+        T[j, :j + 1] = c
+        beta = float(w.norm())
+        if j + 1 == steps or beta <= 1e-12 * max(np.abs(np.diag(T)).max(), 1e-30):
+            break
+        basis.append(w / beta)
+    m = basis.m
+    theta, S = np.linalg.eigh(T[:m, :m])
+    return theta, S[0] ** 2
+
+
+# -- public functions ---------------------------------------------------------------------------
+
+def top_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, k: int = 1, *,
+                    batch_size: int = 1000, mode: str = "train", dropout: str = "off",
+                    tol: float = 1e-3, max_matvecs: int = 500, seed: int = 0,
+                    eigenvectors: bool = False, dtype: torch.dtype | None = None,
+                    memory_budget: int | None = None, progress: bool = False) -> Spectrum:
+    """The k largest algebraic eigenvalues of the loss Hessian, descending, with residuals."""
+    return _extreme(model, X, y, k, "LA", batch_size, mode, dropout, tol, max_matvecs, seed,
+                    eigenvectors, dtype, memory_budget, progress)
+
+
+def bottom_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, k: int = 1, *,
+                       batch_size: int = 1000, mode: str = "train", dropout: str = "off",
+                       tol: float = 1e-3, max_matvecs: int = 500, seed: int = 0,
+                       eigenvectors: bool = False, dtype: torch.dtype | None = None,
+                       memory_budget: int | None = None, progress: bool = False) -> Spectrum:
+    """The k smallest algebraic eigenvalues, ascending (residuals relative to the largest |Ritz value|)."""
+    return _extreme(model, X, y, k, "SA", batch_size, mode, dropout, tol, max_matvecs, seed,
+                    eigenvectors, dtype, memory_budget, progress)
+
+
+def _extreme(model, X, y, k, which, batch_size, mode, dropout, tol, max_matvecs, seed,
+             eigenvectors, dtype, memory_budget, progress=False) -> Spectrum:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+    op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
+                         dtype=dtype, seed=seed, memory_budget=memory_budget)
+    matvec = op.matvec
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(desc="Hessian-vector products", unit="HVP", leave=False, dynamic_ncols=True)
+
+        def matvec(v):
+            out = op.matvec(v)
+            bar.update(1)
+            return out
+    try:
+        spec = lanczos(matvec, op.numel, k=k, which=which, tol=tol, max_matvecs=max_matvecs,
+                       seed=seed, device=op.device, dtype=op.dtype, eigenvectors=eigenvectors)
+    finally:
+        if bar is not None:
+            bar.close()
+    spec.extra = {"chunk_size": op.batch_size, "chunks": len(op.chunks), "n_examples": op.n_examples,
+                  "graph_reuse_chunks": len(op._graphs or []), "mode": mode, "dropout": dropout}
+    return spec
+
+
+def lambda_max(model: nn.Module, X: torch.Tensor, y: torch.Tensor, **kwargs) -> float:
+    """The largest algebraic eigenvalue of the loss Hessian."""
+    return top_eigenvalues(model, X, y, k=1, **kwargs).eigenvalues[0]
+
+
+def lambda_min(model: nn.Module, X: torch.Tensor, y: torch.Tensor, **kwargs) -> float:
+    """The smallest algebraic eigenvalue (most negative curvature) of the loss Hessian."""
+    return bottom_eigenvalues(model, X, y, k=1, **kwargs).eigenvalues[0]
+
+
+def hessian_trace(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, samples: int = 100,
+                  seed: int = 0, batch_size: int = 1000, mode: str = "train", dropout: str = "off",
+                  dtype: torch.dtype | None = None,
+                  memory_budget: int | None = None) -> tuple[float, float]:
+    """Hutchinson's estimate of the Hessian trace (Rademacher probes) and its standard error."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 for a standard error, got {samples}")
+    op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
+                         dtype=dtype, seed=seed, memory_budget=memory_budget)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(samples):
+        z = (torch.randint(0, 2, (op.numel,), generator=gen) * 2 - 1).to(op.device, op.dtype)
+        values.append(float(z @ op.matvec(z)))
+    vals = np.array(values)
+    return float(vals.mean()), float(vals.std(ddof=1) / math.sqrt(samples))
+
+
+@dataclass
+class Density:
+    """A smoothed spectral density: `density` on `grid` integrates to 1; the quadrature behind it."""
+
+    grid: np.ndarray
+    density: np.ndarray
+    nodes: np.ndarray
+    weights: np.ndarray
+    sigma: float
+    matvecs: int
+
+
+def spectral_density(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *,
+                     lanczos_steps: int = 80, runs: int = 1, seed: int = 0,
+                     batch_size: int = 1000, mode: str = "train", dropout: str = "off",
+                     grid_points: int = 1000, sigma: float | None = None,
+                     dtype: torch.dtype | None = None, memory_budget: int | None = None) -> Density:
+    """Stochastic Lanczos quadrature: the eigenvalue density, Gaussian-smoothed, averaged over runs.
+
+    sigma (the Gaussian width) defaults to 1% of the spectrum's range; the grid is refined to resolve it.
+    """
+    if lanczos_steps < 1 or runs < 1:
+        raise ValueError("lanczos_steps and runs must be >= 1")
+    op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
+                         dtype=dtype, seed=seed, memory_budget=memory_budget)
+    gen = torch.Generator().manual_seed(seed)
+    steps = min(lanczos_steps, op.numel)
+    nodes, weights = [], []
+    for _ in range(runs):
+        theta, w = lanczos_tridiagonal(op.matvec, _random_unit(op.numel, gen, op.device, op.dtype), steps)
+        nodes.append(theta)
+        weights.append(w / runs)
+    nodes_a, weights_a = np.concatenate(nodes), np.concatenate(weights)
+    lo, hi = float(nodes_a.min()), float(nodes_a.max())
+    width = max(hi - lo, 1e-12 * max(abs(hi), 1.0))
+    sigma = float(sigma) if sigma else 0.01 * width
+    points = min(max(grid_points, math.ceil(8 * (width + 12 * sigma) / sigma)), 1_000_000)  # resolve sigma
+    grid = np.linspace(lo - 6 * sigma, hi + 6 * sigma, points)
+    gauss = np.exp(-0.5 * ((grid[:, None] - nodes_a[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+    return Density(grid, gauss @ weights_a, nodes_a, weights_a, sigma, op.matvecs)
+
+
+def check_hvp(model: nn.Module, X: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1000,
+              mode: str = "train", dropout: str = "off", dtype: torch.dtype = torch.float64,
+              eps: float = 1e-5, seed: int = 0) -> float:
+    """Relative error of the Hessian-vector product against central finite differences of the gradient."""
+    op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
+                         dtype=dtype, seed=seed, memory_budget=0)
+    gen = torch.Generator().manual_seed(seed)
+    v = _random_unit(op.numel, gen, op.device, op.dtype)
+    hv = op.matvec(v)
+    views = _split(v, op.params)
+
+    def shifted_gradient(sign: float) -> torch.Tensor:
+        with torch.no_grad():
+            for p, d in zip(op.params, views):
+                p.add_(sign * eps * d)
+        try:
+            return op.gradient()
+        finally:
+            with torch.no_grad():
+                for p, d in zip(op.params, views):
+                    p.sub_(sign * eps * d)
+
+    fd = (shifted_gradient(1.0) - shifted_gradient(-1.0)) / (2 * eps)
+    return float((hv - fd).norm() / max(float(hv.norm()), 1e-30))

@@ -1,0 +1,609 @@
+"""A training run from start to finish: SGD or SAM to the accuracy goal, checkpoints, λmax, results.
+
+Read top to bottom: `RunConfig` says what a run is, `run()` does it. Every epoch starts with
+eval-mode metrics on the train and test sets; the run stops at the first epoch > 0 whose train
+accuracy reaches `acc_goal`. A checkpoint is written every epoch (and on SIGTERM/Ctrl-C), so the
+same command resumes an interrupted run and ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import platform
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import __version__, results
+from .data import Dataset, check_dataset_name, load_dataset
+from .errors import SharpnessError
+from .measure import abridged, between_iterates_record, extra_iterate, lambda_max_record
+from .models import build_model, check_arch_name, check_compatible
+from .optim import sam_step, sgd_step
+
+STATUSES = ("done", "max_epochs", "diverged")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run (the original options plus ours)."""
+
+    dataset: str
+    arch_id: str
+    batch_size: int
+    lr: float
+    opt: str = "sgd"
+    rho: float = 0.05
+    loss: str = "ce"
+    network_seed: int = 0
+    train_seed: int = 1
+    acc_goal: float = 0.99
+    physical_batch_size: int = 1000
+    abridged_size: int = 1000
+    disable_dropout: bool = False
+    between_iterates: bool = False
+    save_freq: int = 10
+    max_epochs: int | None = None
+    eig_freq: int = 0
+    tf32: bool = False
+    bf16: bool = False
+
+    def validate(self) -> None:
+        """Reject impossible settings with a clear message (data-dependent checks come later)."""
+        check_dataset_name(self.dataset)
+        check_arch_name(self.arch_id)
+        if self.opt not in ("sgd", "sam"):
+            raise SharpnessError(f"unknown optimizer {self.opt!r}; valid: sgd, sam")
+        if self.loss != "ce":
+            raise SharpnessError(f"unknown loss {self.loss!r}; only 'ce' (cross-entropy) is supported")
+        _positive_finite("lr", self.lr)
+        if self.opt == "sam":
+            _positive_finite("rho", self.rho)
+        for name in ("batch_size", "physical_batch_size", "abridged_size", "save_freq"):
+            if int(getattr(self, name)) < 1:
+                raise SharpnessError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.acc_goal <= 1:
+            raise SharpnessError(f"acc_goal must be in (0, 1], got {self.acc_goal}")
+        if self.max_epochs is not None and self.max_epochs < 1:
+            raise SharpnessError(f"max_epochs must be >= 1, got {self.max_epochs}")
+        if self.eig_freq < 0:
+            raise SharpnessError(f"eig_freq must be >= 0 (0 = off), got {self.eig_freq}")
+        if self.batch_size > self.physical_batch_size and self.batch_size % self.physical_batch_size:
+            raise SharpnessError(
+                f"batch_size {self.batch_size} is larger than physical_batch_size "
+                f"{self.physical_batch_size} but not a multiple of it, so it cannot be split into "
+                f"equal chunks; choose a physical_batch_size that divides {self.batch_size}")
+
+    def check_data(self, data: Dataset) -> None:
+        """Checks that need the dataset: batch size vs training set, architecture vs inputs."""
+        n = len(data.y_train)
+        if self.batch_size > n:
+            raise SharpnessError(f"batch_size {self.batch_size} is larger than the training set of "
+                                 f"{self.dataset} ({n} examples)")
+        check_compatible(self.arch_id, data.input_shape, self.dataset)
+
+    def identity(self) -> dict:
+        """Every setting of the run, as a dict."""
+        return asdict(self)
+
+    def training_identity(self) -> dict:
+        """The settings that determine the training trajectory."""
+        return {k: v for k, v in asdict(self).items() if k not in NOT_TRAINING_FIELDS}
+
+
+@dataclass
+class RunOptions:
+    """How to execute a run; none of these change its numbers."""
+
+    device: str | None = None
+    quiet: bool = False
+    force: bool = False
+    channels_last: bool = False
+    compile: bool = False
+
+
+MEASUREMENT_FIELDS = ("abridged_size", "disable_dropout", "between_iterates")
+NOT_TRAINING_FIELDS = MEASUREMENT_FIELDS + ("save_freq",)  # may change when a run resumes
+
+
+def _positive_finite(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise SharpnessError(f"{name} must be a positive finite number, got {value}")
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The device to use: `name`, else cuda when available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SharpnessError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SharpnessError(f"device {name!r} requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SharpnessError(f"device {name!r} does not exist: {torch.cuda.device_count()} GPU(s) visible")
+    if device.type not in ("cpu", "cuda"):
+        raise SharpnessError(f"unsupported device {name!r}; use cpu, cuda or cuda:N")
+    return device
+
+
+def versions() -> dict:
+    """Versions of what produced a result."""
+    import numpy
+    import torchvision
+
+    return {"sharpness": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+
+
+# -- evaluation ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor, chunk: int) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy in eval mode (running BN statistics, no dropout)."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros((), device=X.device, dtype=torch.float64)
+    correct = torch.zeros((), device=X.device, dtype=torch.int64)
+    for s in range(0, len(y), chunk):
+        out = model(X[s:s + chunk]).float()
+        loss += F.cross_entropy(out, y[s:s + chunk], reduction="sum").double()
+        correct += (out.argmax(1) == y[s:s + chunk]).sum()
+    model.train(was_training)
+    return loss.item() / len(y), correct.item() / len(y)
+
+
+def stop_status(epoch: int, metrics: dict, cfg: RunConfig) -> str | None:
+    """Why training stops at the start of `epoch` (None: it goes on)."""
+    if not (math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["test_loss"])):
+        return "diverged"
+    if epoch > 0 and metrics["train_acc"] >= cfg.acc_goal:
+        return "done"
+    if cfg.max_epochs is not None and epoch >= cfg.max_epochs:
+        return "max_epochs"
+    return None
+
+
+# -- signals ------------------------------------------------------------------------------------
+
+class StopRequest:
+    """SIGTERM / first Ctrl-C set a flag: the loop checkpoints at the next step and exits."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._saved: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+class Interrupted(SharpnessError):
+    """The run stopped on a signal after saving a checkpoint."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None) -> dict:
+    """Train (or resume) the run, measure λmax, write every result file; return the summary."""
+    opts = opts or RunOptions()
+    cfg.validate()
+    device = resolve_device(opts.device)
+    data = load_dataset(cfg.dataset)
+    cfg.check_data(data)
+    run_dir = Path(root or results.results_root()) / results.run_relpath(cfg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SharpnessError(f"cannot create {run_dir}: {exc.strerror or exc}") from None
+    log = (lambda *a: None) if opts.quiet else _write
+    with results.RunLock(run_dir):
+        summary = results.read_summary(run_dir)
+        if summary is not None and not opts.force:
+            return _finished(run_dir, summary, cfg, data, device, log)
+        if opts.force:
+            _clear_run(run_dir)
+        results.remove_stale_temporaries(run_dir)
+        return Trainer(cfg, opts, data, device, run_dir, log).run()
+
+
+def _write(*args) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+
+
+def _clear_run(run_dir: Path) -> None:
+    for entry in run_dir.iterdir():
+        if entry.name == results.LOCK:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log) -> dict:
+    """A finished run is not trained again; a changed λmax setting is measured anew."""
+    stored = summary.get("config", {})
+    changed = [k for k in MEASUREMENT_FIELDS if stored.get(k) != getattr(cfg, k)]
+    if changed and summary.get("status") != "diverged":
+        log(f"run already trained; measuring λmax again for the new {', '.join(changed)}")
+        model = load_final_model(run_dir, cfg, data, device)
+        summary["lambda_max"] = measure_final(model, run_dir, cfg, data, device, progress=True)
+        write_lambda_files(run_dir, summary["lambda_max"])
+        summary["config"] = cfg.identity()
+        results.atomic_write_json(run_dir / results.SUMMARY, summary)
+    else:
+        log(f"run already finished ({summary.get('status')}); showing the stored result "
+            "(--force trains again)")
+    _write(final_line(summary))
+    _write(f"results: {run_dir}")
+    return summary
+
+
+def final_line(summary: dict) -> str:
+    """The original eval.py line: final test accuracy and max Hessian eigenvalue."""
+    acc = (summary.get("final") or {}).get("test_acc")
+    lam = (summary.get("lambda_max") or {}).get("value")
+    acc_s = f"{acc:.4f}" if acc is not None else "nan"
+    lam_s = f"{lam:.4f}" if lam is not None else "nan"
+    return f"[final test accuracy = {acc_s}]\t[max hessian eigenvalue = {lam_s}]"
+
+
+def load_final_model(run_dir: Path, cfg: RunConfig, data: Dataset, device) -> torch.nn.Module:
+    """The network of `snapshot_final`."""
+    model = build_model(cfg.arch_id, data.input_shape, data.num_classes)
+    state = results.safe_torch_load(run_dir / "snapshot_final")
+    try:
+        model.load_state_dict(state)
+    except Exception as exc:
+        raise SharpnessError(f"cannot use {run_dir / 'snapshot_final'}: it does not fit "
+                             f"{cfg.arch_id} on {cfg.dataset} ({str(exc).splitlines()[0][:120]})") from None
+    return model.to(device)
+
+
+def measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, progress: bool) -> dict:
+    """λmax of the final network by the paper's protocol (between iterates when asked)."""
+    X, y = abridged(data, cfg.abridged_size)
+    X, y = X.to(device), y.to(device)
+    if cfg.between_iterates:
+        extra_path = run_dir / "snapshot_extra_iter"
+        if extra_path.exists():
+            extra = results.safe_torch_load(extra_path, map_location=device)
+        else:
+            extra = extra_iterate(model, data, cfg, device)
+            results.atomic_torch_save({k: v.cpu() for k, v in extra.items()}, extra_path)
+        return between_iterates_record(model, extra, X, y, cfg, progress=progress)
+    return {**lambda_max_record(model, X, y, cfg, progress=progress), "between_iterates": False}
+
+
+def write_lambda_files(run_dir: Path, record: dict) -> None:
+    """leading_eigenvalues/leading_eigenvalue_final (and the eight between-iterates values)."""
+    out = run_dir / "leading_eigenvalues"
+    results.atomic_torch_save(torch.tensor([record["value"]], dtype=torch.float64),
+                              out / "leading_eigenvalue_final")
+    if record.get("between_iterates"):
+        results.atomic_torch_save(torch.tensor(record["between_values"], dtype=torch.float64),
+                                  out / "leading_eigenvalue_between_iterates")
+
+
+def evaluate_run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None) -> dict:
+    """Load a finished run's final network: test accuracy and λmax (measured anew)."""
+    opts = opts or RunOptions()
+    cfg.validate()
+    device = resolve_device(opts.device)
+    run_dir = Path(root or results.results_root()) / results.run_relpath(cfg)
+    if not run_dir.is_dir():
+        raise SharpnessError(f"no run at {run_dir}: train it first (same arguments to train.py "
+                             "or `sharpness train`), or set RESULTS to where it was saved")
+    summary = results.read_summary(run_dir)
+    if summary is not None and summary.get("status") == "diverged":
+        raise SharpnessError(f"the run at {run_dir} diverged; it has no final network to evaluate")
+    if not (run_dir / "snapshot_final").exists():
+        raise SharpnessError(f"the run at {run_dir} has not finished (no snapshot_final); "
+                             "run train with the same arguments to resume it")
+    data = load_dataset(cfg.dataset)
+    cfg.check_data(data)
+    model = load_final_model(run_dir, cfg, data, device)
+    _, test_acc = evaluate(model, data.X_test.to(device), data.y_test.to(device), cfg.physical_batch_size)
+    with _numerics(cfg):
+        lam = measure_final(model, run_dir, cfg, data, device, progress=not opts.quiet)
+    return {"test_acc": test_acc, "lambda_max": lam, "run_dir": str(run_dir)}
+
+
+class Trainer:
+    """The state of one run while it trains."""
+
+    def __init__(self, cfg: RunConfig, opts: RunOptions, data: Dataset, device: torch.device,
+                 run_dir: Path, log):
+        self.cfg, self.opts, self.device, self.run_dir, self.log = cfg, opts, device, run_dir, log
+        self.data = data.to(device)
+        self.model = build_model(cfg.arch_id, data.input_shape, data.num_classes,
+                                 seed=cfg.network_seed).to(device)
+        if opts.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward_model = torch.compile(self.model) if opts.compile else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
+        self.shuffle = torch.Generator().manual_seed(cfg.train_seed)
+        torch.manual_seed(cfg.train_seed)  # dropout masks
+        self.epoch, self.batch, self.step, self.perm = 0, 0, 0, None
+        self.history: list[dict] = []
+        self.eigs: list[dict] = []
+        self.wall = 0.0
+        self.diverged_at: dict | None = None
+        self.resumed_from: str | None = None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        """Everything needed to continue exactly where the run is."""
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        return {"format": 1, "config": self.cfg.identity(), "epoch": self.epoch, "batch": self.batch,
+                "step": self.step, "perm": self.perm, "history": self.history, "eigs": self.eigs,
+                "wall": self.wall, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "cuda": cuda, "shuffle": self.shuffle.get_state()}}
+
+    def save_checkpoint(self) -> None:
+        """Write the checkpoint atomically, keeping the previous one as a fallback."""
+        path, prev = self.run_dir / results.CHECKPOINT, self.run_dir / results.CHECKPOINT_PREV
+        state = self.checkpoint_state()
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        tmp = self.run_dir / f".checkpoint.next{results.TMP_SUFFIX}"
+        results.atomic_write_bytes(tmp, buf.getvalue())
+        try:
+            if path.exists():
+                path.replace(prev)
+            tmp.replace(path)
+        except OSError as exc:
+            raise SharpnessError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def try_resume(self) -> None:
+        """Continue from the newest readable checkpoint, if there is one."""
+        for name in (results.CHECKPOINT, results.CHECKPOINT_PREV):
+            path = self.run_dir / name
+            if not path.exists():
+                continue
+            try:
+                state = results.safe_torch_load(path, map_location="cpu")
+            except SharpnessError as exc:
+                self.log(f"warning: {exc}; trying the previous checkpoint")
+                continue
+            stored = {k: v for k, v in state.get("config", {}).items() if k not in NOT_TRAINING_FIELDS}
+            if stored != self.cfg.training_identity():
+                raise SharpnessError(f"{path} belongs to a different configuration; "
+                                     "use --force to start this run over")
+            self.load_state(state)
+            self.resumed_from = name
+            self.log(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
+            return
+
+    def load_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.perm, self.history, self.eigs = state["perm"], state["history"], state["eigs"]
+        self.wall = state["wall"]
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.shuffle.set_state(state["rng"]["shuffle"])
+
+    # -- per-epoch files ------------------------------------------------------------------------
+    def save_epoch_files(self) -> None:
+        """Snapshots of this epoch's network, then the metrics so far."""
+        d = self.run_dir
+        model_state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        results.atomic_torch_save(model_state, d / "snapshot_most_recent")
+        if self.epoch % self.cfg.save_freq == 0:
+            results.atomic_torch_save(model_state, d / f"snapshot_{self.epoch}")
+        self.save_metrics()
+
+    def save_metrics(self, final: bool = False) -> None:
+        """Metric tensors (`*_most_recent` always, the plain ones every save_freq epochs and at the end) and CSVs."""
+        d, cfg = self.run_dir, self.cfg
+        periodic = self.epoch % cfg.save_freq == 0
+        for name in results.METRIC_NAMES:
+            values = torch.tensor([h[name] for h in self.history], dtype=torch.float64)
+            results.atomic_torch_save(values, d / f"{name}_most_recent")
+            if periodic or final:
+                results.atomic_torch_save(values, d / name)
+        results.atomic_write_csv(d / results.METRICS_CSV, self.history)
+        if cfg.eig_freq:
+            results.atomic_write_csv(d / results.EIGS_CSV, self.eigs)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        self.try_resume()
+        self.log(f"run directory: {self.run_dir}")
+        self.log("epoch\telapsed_s\ttrain_loss\ttrain_acc\ttest_loss\ttest_acc")
+        for h in self.history:
+            self.log(_epoch_line(h))
+        with _numerics(cfg), StopRequest() as stop, _epoch_bar(self.opts.quiet, cfg.max_epochs, self.epoch) as bar:
+            started = time.perf_counter() - self.wall
+            status = None
+            while status is None:
+                if len(self.history) == self.epoch:
+                    self.wall = time.perf_counter() - started
+                    self.history.append(self.evaluate_epoch())
+                    self.log(_epoch_line(self.history[-1]))
+                    self.save_epoch_files()
+                    self.save_checkpoint()
+                status = stop_status(self.epoch, self.history[self.epoch], cfg)
+                if status is None:
+                    status = self.train_epoch(stop, started)
+                    bar.update(1)
+            self.wall = time.perf_counter() - started
+        return self.finish(status)
+
+    def evaluate_epoch(self) -> dict:
+        d, chunk = self.data, self.cfg.physical_batch_size
+        train_loss, train_acc = evaluate(self.forward_model, d.X_train, d.y_train, chunk)
+        test_loss, test_acc = evaluate(self.forward_model, d.X_test, d.y_test, chunk)
+        return {"epoch": self.epoch, "step": self.step, "elapsed_s": round(self.wall, 3),
+                "train_loss": train_loss, "train_acc": train_acc,
+                "test_loss": test_loss, "test_acc": test_acc}
+
+    def train_epoch(self, stop: StopRequest, started: float) -> str | None:
+        """One pass over the shuffled training set; 'diverged' when the loss stops being finite."""
+        cfg, d = self.cfg, self.data
+        n = len(d.y_train)
+        if self.perm is None:
+            self.perm, self.batch = torch.randperm(n, generator=self.shuffle), 0
+        perm = self.perm.to(self.device)
+        batches = math.ceil(n / cfg.batch_size)
+        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else None)
+        check_every = 1 if self.device.type == "cpu" else 20
+        self.model.train()
+        while self.batch < batches:
+            if stop.signal is not None:
+                self.wall = time.perf_counter() - started
+                self.save_checkpoint()
+                name = signal.Signals(stop.signal).name
+                raise Interrupted(f"stopped by {name} at epoch {self.epoch}, step {self.step}; "
+                                  f"checkpoint saved in {self.run_dir}; run the same command to resume",
+                                  stop.signal)
+            if cfg.eig_freq and self.step % cfg.eig_freq == 0:
+                self.record_eig()
+            idx = perm[self.batch * cfg.batch_size:(self.batch + 1) * cfg.batch_size]
+            X, y = d.X_train[idx], d.y_train[idx]
+            if self.opts.channels_last and X.dim() == 4:
+                X = X.contiguous(memory_format=torch.channels_last)
+            if cfg.opt == "sam":
+                loss = sam_step(self.forward_model, self.optimizer, X, y, cfg.physical_batch_size,
+                                cfg.rho, autocast)
+            else:
+                loss = sgd_step(self.forward_model, self.optimizer, X, y, cfg.physical_batch_size, autocast)
+            self.step += 1
+            self.batch += 1
+            if (self.step % check_every == 0 or self.batch == batches) and not torch.isfinite(loss):
+                self.diverged_at = {"epoch": self.epoch, "step": self.step, "loss": float(loss)}
+                self.log(f"the training loss became {float(loss)} at epoch {self.epoch}, step "
+                         f"{self.step}: the run diverged (try a smaller learning rate)")
+                return "diverged"
+        self.perm, self.batch = None, 0
+        self.epoch += 1
+        return None
+
+    def record_eig(self) -> None:
+        """λmax of the current iterate on the abridged set (eig_freq); the model is not changed."""
+        X, y = abridged(self.data, self.cfg.abridged_size)
+        rec = lambda_max_record(self.model, X, y, self.cfg)
+        self.eigs.append({"step": self.step, "epoch": self.epoch, "lambda_max": rec["value"],
+                          "residual": rec["residual"]})
+
+    def finish(self, status: str) -> dict:
+        """Final files: snapshot_final, λmax, metric tensors, summary.json."""
+        cfg, d = self.cfg, self.run_dir
+        self.save_metrics(final=True)
+        lam = None
+        if status != "diverged":
+            results.atomic_torch_save({k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                                      d / "snapshot_final")
+            self.log(f"measuring λmax on {min(cfg.abridged_size, len(self.data.y_train))} training "
+                     "examples ...")
+            lam = measure_final(self.model, d, cfg, self.data, self.device, progress=not self.opts.quiet)
+            write_lambda_files(d, lam)
+        if status == "diverged":
+            self.log("the run diverged: no λmax is measured")
+        last = self.history[-1] if self.history else {}
+        summary = {
+            "config": cfg.identity(),
+            "run_dir": str(results.run_relpath(cfg)),
+            "status": status,
+            "reached_goal": status == "done",
+            "epochs": self.epoch,
+            "steps": self.step,
+            "final": {k: last.get(k) for k in results.METRIC_NAMES} if status != "diverged" else None,
+            "diverged_at": self.diverged_at,
+            "lambda_max": lam,
+            "two_over_lr": 2.0 / cfg.lr,
+            "wall_time_s": round(self.wall, 3),
+            "device": _device_name(self.device),
+            "options": {"channels_last": self.opts.channels_last, "compile": self.opts.compile,
+                        "tf32": cfg.tf32, "bf16": cfg.bf16},
+            "resumed": self.resumed_from is not None,
+            "versions": versions(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        results.atomic_write_json(d / results.SUMMARY, summary)
+        if status == "max_epochs":
+            self.log(f"stopped at max_epochs={cfg.max_epochs} without reaching train accuracy "
+                     f"{cfg.acc_goal}; λmax is of the last iterate")
+        _write(final_line(summary))
+        _write(f"results: {d}")
+        return summary
+
+
+def _epoch_line(h: dict) -> str:
+    return (f"{h['epoch']}\t{h['elapsed_s']:.3f}\t{h['train_loss']:.3f}\t{h['train_acc']:.3f}\t"
+            f"{h['test_loss']:.3f}\t{h['test_acc']:.3f}")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@contextlib.contextmanager
+def _numerics(cfg: RunConfig):
+    """TF32 only when asked for (torch enables it for cuDNN convolutions by default)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.tf32)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def _epoch_bar(quiet: bool, total: int | None, initial: int):
+    if quiet:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc="epochs", unit="epoch", leave=False,
+               dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+
+def config_fields() -> list[str]:
+    """Names of RunConfig's fields, in order."""
+    return [f.name for f in fields(RunConfig)]

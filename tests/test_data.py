@@ -1,0 +1,115 @@
+"""Datasets: torchvision loaders on files in torchvision's formats, subsets, standardization, cache."""
+
+import time
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fakes import write_cifar10, write_fashion_mnist
+from sharpness import data
+from sharpness.errors import DataUnavailable, SharpnessError
+
+
+@pytest.fixture
+def fake_cifar_checksums(monkeypatch):
+    """Tiny fakes cannot match CIFAR-10's md5s: accept them in the test only."""
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+
+
+def _standardized(train, test):
+    tr = np.asarray(train, dtype=np.float64) / 255
+    te = np.asarray(test, dtype=np.float64) / 255
+    mean, std = tr.mean(0), tr.std(0)
+    return (tr - mean) / std, (te - mean) / std
+
+
+def test_cifar10_from_torchvision_layout(tmp_path, fake_cifar_checksums):
+    raw = write_cifar10(tmp_path)
+    d = data.load_dataset("cifar10", tmp_path)
+    assert d.X_train.shape == (120, 3, 32, 32) and d.X_test.shape == (60, 3, 32, 32)
+    assert d.X_train.dtype == torch.float32 and d.y_train.dtype == torch.int64
+    tr, te = _standardized(raw["train"], raw["test"])
+    assert np.allclose(d.X_train.numpy(), tr, atol=1e-5) and np.allclose(d.X_test.numpy(), te, atol=1e-5)
+    assert d.y_train.tolist() == raw["train_labels"] and d.y_test.tolist() == raw["test_labels"]
+    assert abs(float(d.X_train.mean())) < 1e-5  # per-pixel centred with the training statistics
+    small = data.load_dataset("cifar10_1k", tmp_path)  # every 50th example, full-set statistics
+    assert torch.equal(small.X_train, d.X_train[::50]) and torch.equal(small.y_train, d.y_train[::50])
+    assert torch.equal(small.X_test, d.X_test[::50])
+
+
+def test_fashion_mnist_from_torchvision_layout(tmp_path):
+    raw = write_fashion_mnist(tmp_path)
+    d = data.load_dataset("fashion_mnist", tmp_path)
+    assert d.X_train.shape == (120, 1, 28, 28) and d.num_classes <= 10
+    tr, te = _standardized(raw["train"], raw["test"])
+    ok = np.isfinite(tr).all(axis=0)
+    assert np.allclose(d.X_train.numpy()[:, ok], tr[:, ok], atol=1e-5)
+    assert d.y_train.tolist() == raw["train_labels"]
+    small = data.load_dataset("fashion_mnist_1k", tmp_path)
+    assert torch.equal(small.X_train, d.X_train[::60]) and torch.equal(small.X_test, d.X_test[::60])
+
+
+def test_prepared_cache_is_used(tmp_path):
+    write_fashion_mnist(tmp_path)
+    data.load_dataset("fashion_mnist_1k", tmp_path)
+    cached = tmp_path / "prepared" / data.CACHE_VERSION / "fashion_mnist_1k.pt"
+    assert cached.exists()
+    for f in (tmp_path / "FashionMNIST" / "raw").iterdir():
+        f.unlink()  # the raw files are not needed any more
+    start = time.perf_counter()
+    again = data.load_dataset("fashion_mnist_1k", tmp_path)
+    assert time.perf_counter() - start < 5  # generous bound; the point is that no raw file is read
+    assert len(again.y_train) == 2
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    write_fashion_mnist(tmp_path)
+    first = data.load_dataset("fashion_mnist", tmp_path)
+    (tmp_path / "prepared" / data.CACHE_VERSION / "fashion_mnist.pt").write_bytes(b"garbage")
+    assert torch.equal(data.load_dataset("fashion_mnist", tmp_path).X_train, first.X_train)
+
+
+def test_offline_missing_files(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("offline")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", offline)
+    with pytest.raises(DataUnavailable) as err:
+        data.load_dataset("cifar10_1k", tmp_path)
+    msg = str(err.value)
+    assert "cifar-10-batches-py" in msg and "data_batch_1" in msg and "batches.meta" in msg
+    assert "DATASETS" in msg and "offline" in msg
+
+
+def test_digits():
+    d = data.load_dataset("digits")
+    assert d.X_train.shape == (1500, 1, 32, 32) and d.X_test.shape == (297, 1, 32, 32)
+    assert d.num_classes == 10 and torch.isfinite(d.X_train).all()
+    assert torch.allclose(d.X_train.mean(0), torch.zeros(1, 32, 32), atol=1e-5)
+
+
+def test_strided_indices():
+    assert data.strided_indices(50000, 1000)[:3].tolist() == [0, 50, 100]
+    assert len(data.strided_indices(60000, 1000)) == 1000
+    assert data.strided_indices(1500, 1000, 0).tolist() == list(range(1000))
+    assert data.strided_indices(100, 10, 3)[:2].tolist() == [3, 13]
+    assert data.strided_indices(10, 50).tolist() == list(range(10))
+    with pytest.raises(SharpnessError):
+        data.strided_indices(100, 10, 10)
+    with pytest.raises(SharpnessError):
+        data.strided_indices(100, 0)
+
+
+def test_unknown_dataset():
+    with pytest.raises(SharpnessError, match="valid datasets: digits, cifar10"):
+        data.load_dataset("mnist")
+
+
+def test_default_datasets_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv("DATASETS", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert data.datasets_dir() == tmp_path / "sharpness" / "datasets"

@@ -1,0 +1,266 @@
+"""The Hessian engine against dense float64 Hessians (eigvalsh) on small nets."""
+
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from helpers import conv_bn, data, mlp, reference_hessian, saddle_net, same_state, state_snapshot
+from sharpness import hessian as H
+
+F64 = torch.float64
+
+
+def cases():
+    """(name, model, X, y, chunk, mode, dropout, reference train_mode)."""
+    X, y = data(37, (12,), 4)
+    Xc, yc = data(23, (1, 4, 4), 4)  # chunks of 10, 10 and 3: an uneven last chunk
+    Xs, ys = data(30, (6,), 3)
+    ys = torch.zeros_like(ys)
+    return [
+        ("mlp", mlp(), X, y, 16, "train", "off", False),
+        ("mlp_dropout_eval", mlp(0.5), X, y, 16, "eval", "off", False),
+        ("conv_bn_train", conv_bn(), Xc, yc, 10, "train", "off", True),
+        ("conv_bn_eval", conv_bn(), Xc, yc, 10, "eval", "off", False),
+        ("saddle", saddle_net(), Xs, ys, 8, "train", "off", False),
+    ]
+
+
+@pytest.fixture(scope="module")
+def dense():
+    out = {}
+    for name, model, X, y, chunk, mode, dropout, train_mode in cases():
+        if name == "conv_bn_eval":  # give the running statistics non-trivial values first
+            with torch.no_grad():
+                model.train()(X)
+        ev = torch.linalg.eigvalsh(reference_hessian(model, X, y, chunk, train_mode))
+        out[name] = (model, X, y, chunk, mode, dropout, ev)
+    return out
+
+
+@pytest.mark.parametrize("name", [c[0] for c in cases()])
+def test_top_eigenvalues_match_dense(dense, name):
+    model, X, y, chunk, mode, dropout, ev = dense[name]
+    spec = H.top_eigenvalues(model, X, y, k=3, batch_size=chunk, mode=mode, dropout=dropout,
+                             tol=1e-6, dtype=F64)
+    assert spec.converged
+    expected = ev.flip(0)[:3].tolist()
+    for got, want in zip(spec.eigenvalues, expected):
+        assert abs(got - want) / abs(want) < 1e-4, (name, spec.eigenvalues, expected)
+    assert all(r < 1e-6 for r in spec.residuals)
+    assert spec.eigenvalues == sorted(spec.eigenvalues, reverse=True)
+
+
+@pytest.mark.parametrize("name", [c[0] for c in cases()])
+def test_lambda_min_matches_dense(dense, name):
+    model, X, y, chunk, mode, dropout, ev = dense[name]
+    got = H.lambda_min(model, X, y, batch_size=chunk, mode=mode, dropout=dropout, tol=1e-6, dtype=F64)
+    assert abs(got - ev[0].item()) <= 1e-4 * ev.abs().max().item()
+
+
+def test_largest_algebraic_not_magnitude(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["saddle"]
+    assert ev[0] < -2 * ev[-1] < 0, "the test net must have a dominant negative eigenvalue"
+    got = H.lambda_max(model, X, y, batch_size=chunk, tol=1e-6, dtype=F64)
+    assert abs(got - ev[-1].item()) / ev[-1].item() < 1e-4
+
+
+def test_float32_default_path(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    spec = H.top_eigenvalues(model, X, y, batch_size=chunk, mode=mode, tol=1e-3)
+    assert spec.converged and spec.residuals[0] < 1e-3
+    assert abs(spec.eigenvalues[0] - ev[-1].item()) / ev[-1].item() < 1e-3
+
+
+def test_reported_residual_is_true_residual(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    spec = H.top_eigenvalues(model, X, y, k=2, batch_size=chunk, mode=mode, tol=1e-2, dtype=F64,
+                             eigenvectors=True)
+    op = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode, dtype=F64)
+    for lam, res, v in zip(spec.eigenvalues, spec.residuals, spec.eigenvectors):
+        assert abs(float(v.norm()) - 1) < 1e-8
+        true = float((op.matvec(v) - lam * v).norm()) / abs(lam)
+        assert true == pytest.approx(res, rel=1e-3, abs=1e-9)
+
+
+def test_graph_reuse_and_recompute_agree(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    cached = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode, dtype=F64)
+    fresh = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode, dtype=F64, memory_budget=0)
+    partial = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode, dtype=F64, memory_budget=1)
+    a, b = cached.matvec(v), fresh.matvec(v)
+    assert len(cached._graphs) == 3 and len(fresh._graphs) == 0
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+    partial.memory_budget = partial.graph_bytes_per_chunk = 0
+    partial.release()
+    partial.memory_budget = 1 + _one_chunk_bytes(model, X, y, chunk, mode)
+    assert torch.allclose(partial.matvec(v), a, rtol=1e-12, atol=1e-14)
+    assert len(partial._graphs) == 1  # budget for one chunk: one cached, two recomputed
+
+
+def _one_chunk_bytes(model, X, y, chunk, mode):
+    op = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode, dtype=F64)
+    op.matvec(torch.zeros(op.numel, dtype=F64))
+    return op.graph_bytes_per_chunk
+
+
+@pytest.mark.parametrize("name", ["mlp", "conv_bn_train", "conv_bn_eval", "saddle"])
+def test_check_hvp(dense, name):
+    model, X, y, chunk, mode, dropout, ev = dense[name]
+    assert H.check_hvp(model, X, y, batch_size=chunk, mode=mode, dropout=dropout) < 1e-4
+
+
+def test_fixed_dropout_is_a_fixed_operator():
+    model = mlp(0.5)
+    X, y = data(37, (12,), 4)
+    op = H.HessianOperator(model, X, y, batch_size=16, dropout="fixed", seed=3, dtype=F64)
+    v = torch.randn(op.numel, dtype=F64)
+    assert torch.equal(op.matvec(v), op.matvec(v))
+    other = H.HessianOperator(model, X, y, batch_size=16, dropout="fixed", seed=3, dtype=F64,
+                              memory_budget=0)
+    assert torch.equal(op.matvec(v), other.matvec(v))  # masks depend on (seed, chunk, layer) only
+    off = H.HessianOperator(model, X, y, batch_size=16, dropout="off", dtype=F64)
+    assert not torch.allclose(op.matvec(v), off.matvec(v))  # the masks do act
+    assert H.check_hvp(model, X, y, batch_size=16, dropout="fixed") < 1e-4
+    # λmax of the fixed-mask operator equals the top of its own dense matrix
+    dense_op = torch.stack([op.matvec(e) for e in torch.eye(op.numel, dtype=F64)], 1)
+    top = torch.linalg.eigvalsh((dense_op + dense_op.T) / 2)[-1].item()
+    got = H.lambda_max(model, X, y, batch_size=16, dropout="fixed", seed=3, tol=1e-6, dtype=F64)
+    assert abs(got - top) / top < 1e-4
+
+
+def test_train_mode_dropout_would_be_random():
+    """Why dropout must be off or fixed: two products through live dropout differ."""
+    model = mlp(0.5).train()
+    X, y = data(37, (12,), 4)
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+
+    def hvp():
+        g = torch.autograd.grad(torch.nn.functional.cross_entropy(model(X), y), params, create_graph=True)
+        return torch.cat([h.reshape(-1) for h in torch.autograd.grad(g, params, v)])
+
+    assert not torch.allclose(hvp(), hvp())
+
+
+def test_no_side_effects(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_eval"]
+    model.train()
+    before, rng = state_snapshot(model), torch.get_rng_state()
+    flags = [m.training for m in model.modules()]
+    H.top_eigenvalues(model, X, y, k=2, batch_size=chunk, mode="train", tol=1e-4)
+    H.hessian_trace(model, X, y, batch_size=chunk, samples=4)
+    H.spectral_density(model, X, y, batch_size=chunk, lanczos_steps=10)
+    H.check_hvp(model, X, y, batch_size=chunk)
+    assert same_state(before, state_snapshot(model))  # BN running stats and num_batches_tracked too
+    assert [m.training for m in model.modules()] == flags
+    assert torch.equal(rng, torch.get_rng_state())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_matvec_deterministic(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    op = H.HessianOperator(model, X, y, batch_size=chunk, mode=mode)
+    v = torch.randn(op.numel)
+    assert torch.equal(op.matvec(v), op.matvec(v))
+    assert op.matvecs == 2
+
+
+def test_uneven_chunks_weighted_exactly():
+    """Chunked operator == unchunked operator in eval mode (no BN batch effect)."""
+    model = mlp()
+    X, y = data(37, (12,), 4)
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=F64)
+    a = H.HessianOperator(model, X, y, batch_size=10, dtype=F64).matvec(v)
+    b = H.HessianOperator(model, X, y, batch_size=37, dtype=F64).matvec(v)
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_trace_within_three_standard_errors(dense):
+    for name in ("mlp", "conv_bn_train"):
+        model, X, y, chunk, mode, dropout, ev = dense[name]
+        est, se = H.hessian_trace(model, X, y, batch_size=chunk, mode=mode, samples=200, dtype=F64)
+        assert se > 0
+        assert abs(est - ev.sum().item()) < 3 * se, (name, est, se, ev.sum().item())
+
+
+def test_spectral_density(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    n = len(ev)
+    d = H.spectral_density(model, X, y, batch_size=chunk, mode=mode, lanczos_steps=n, runs=8,
+                           dtype=F64, sigma=1e-3)
+    assert abs(np.trapezoid(d.density, d.grid) - 1) < 1e-3
+    assert abs(d.weights.sum() - 1) < 1e-9
+    # with n steps the quadrature nodes are the eigenvalues themselves
+    assert abs(d.nodes.max() - ev[-1].item()) < 1e-6 * ev.abs().max().item()
+    # mass is where the eigenvalues are: compare CDFs at the quartiles of the dense spectrum
+    evn = ev.numpy()
+    for q in (0.25, 0.5, 0.75):
+        x = float(np.quantile(evn, q)) + 1e-9
+        est = float(d.weights[d.nodes <= x].sum())
+        assert abs(est - float((evn <= x).mean())) < 0.12, (q, est)
+
+
+def test_not_converged_warns(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        spec = H.top_eigenvalues(model, X, y, k=3, batch_size=chunk, tol=1e-12, max_matvecs=4, dtype=F64)
+    assert not spec.converged and spec.matvecs == 4
+
+
+def test_thick_restart_reaches_tolerance(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_train"]
+    spec = H.top_eigenvalues(model, X, y, k=4, batch_size=chunk, tol=1e-8, dtype=F64)
+    op = H.HessianOperator(model, X, y, batch_size=chunk, dtype=F64)
+    restarted = H.lanczos(op.matvec, op.numel, k=4, tol=1e-8, dtype=F64, max_basis=12)
+    assert restarted.converged
+    assert np.allclose(restarted.eigenvalues, spec.eigenvalues, rtol=1e-6)
+    assert np.allclose(restarted.eigenvalues, ev.flip(0)[:4].numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(k=0), "k must be"),
+    (dict(tol=0.0), "tol must be"),
+    (dict(tol=-1.0), "tol must be"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(mode="bogus"), "mode"),
+    (dict(dropout="random"), "dropout"),
+])
+def test_bad_arguments(kwargs, message):
+    X, y = data(10, (12,), 4)
+    with pytest.raises(ValueError, match=message):
+        H.top_eigenvalues(mlp(), X, y, **{"batch_size": 5, **kwargs})
+
+
+def test_bad_data_and_parameters():
+    X, y = data(10, (12,), 4)
+    with pytest.raises(ValueError, match="empty"):
+        H.lambda_max(mlp(), X[:0], y[:0])
+    with pytest.raises(ValueError, match="examples"):
+        H.lambda_max(mlp(), X, y[:5])
+    model = mlp()
+    with torch.no_grad():
+        model[1].weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        H.lambda_max(model, X, y)
+    with pytest.raises(ValueError, match="samples"):
+        H.hessian_trace(mlp(), X, y, samples=1)
+
+
+def test_no_tf32_context_restores_flags():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = True
+    with H.no_tf32():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_no_warning_when_converged(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["mlp"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        H.lambda_max(model, X, y, batch_size=chunk, tol=1e-6, dtype=F64)
