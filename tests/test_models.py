@@ -34,7 +34,7 @@ def test_vgg_init():
     assert len(convs) == 8 and sum(isinstance(m, nn.BatchNorm2d) for m in net) == 8
     last = convs[-1]
     assert torch.all(last.bias == 0)
-    assert abs(float(last.weight.std()) - math.sqrt(2 / (9 * 512))) < 0.02 * math.sqrt(2 / (9 * 512))
+    assert abs(last.weight.detach().std().item() - math.sqrt(2 / (9 * 512))) < 0.02 * math.sqrt(2 / (9 * 512))
 
 
 def test_same_seed_same_network():

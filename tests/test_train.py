@@ -55,7 +55,7 @@ def test_original_scripts_train_then_eval(tmp_path):
     assert summary["status"] == "done" and summary["final"]["train_acc"] >= 0.99
     assert summary["lambda_max"]["converged"] and summary["lambda_max"]["matvecs"] > 0
     assert summary["two_over_lr"] == 40.0
-    rows = list(csv.DictReader(open(d / "metrics.csv")))
+    rows = list(csv.DictReader((d / "metrics.csv").read_text().splitlines()))
     assert len(rows) == summary["epochs"] + 1 == len(torch.load(d / "train_acc", weights_only=True))
     ev = run_script("eval.py", RUN, env)
     line = ev.stdout.strip()

@@ -177,6 +177,29 @@ def build_parser(prog: str = "sharpness") -> Parser:
                        description="Download (with torchvision's checksums) and prepare datasets.")
     p.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
     p.set_defaults(func=cmd_data)
+
+    from . import measure, report, sweep
+
+    p = sub.add_parser("measure", help="more Hessian measurements of a finished run",
+                       description="Measure a finished run's final network (λmax, λmin, top-k, "
+                                   "trace, spectral density); results are appended to "
+                                   "measurements.json in the run directory.")
+    measure.add_measure_arguments(p)
+    p.set_defaults(func=measure.cmd_measure)
+    p = sub.add_parser("sweep", help="run a grid of runs from a TOML file (local processes or Ray)",
+                       description="Run every run of a sweep file; finished runs are skipped, "
+                                   "interrupted ones resume.")
+    sweep.add_sweep_arguments(p)
+    p.set_defaults(func=sweep.cmd_sweep)
+    p = sub.add_parser("status", help="table of a sweep's runs and their status",
+                       description="Status, epochs, test accuracy and λmax of every run of a sweep.")
+    sweep.add_status_arguments(p)
+    p.set_defaults(func=sweep.cmd_status)
+    p = sub.add_parser("report", help="figures, runs.csv and statistics from a results folder or sweep",
+                       description="Collect every run into runs.csv, draw the paper's figures and "
+                                   "write report.md and stats.json.")
+    report.add_report_arguments(p)
+    p.set_defaults(func=report.cmd_report)
     return parser
 
 

@@ -83,3 +83,211 @@ def between_iterates_record(model: nn.Module, extra_state: dict, X: torch.Tensor
             "between_values": [r["value"] for r in records],
             "between_residuals": [r["residual"] for r in records],
             "matvecs": sum(r["matvecs"] for r in records)}
+
+
+# -- `sharpness measure` ------------------------------------------------------------------------
+
+WHATS = ("lambda_max", "lambda_min", "topk", "trace", "density")
+
+
+def add_measure_arguments(p) -> None:
+    """Arguments of `sharpness measure`."""
+    p.add_argument("run_dir", help="a finished run's directory")
+    p.add_argument("--what", default="lambda_max",
+                   help=f"comma-separated, any of: {','.join(WHATS)} (default: lambda_max)")
+    p.add_argument("--k", type=int, default=5, help="eigenvalues for topk (default: 5)")
+    p.add_argument("--mode", choices=["train", "eval"], default=None,
+                   help="BatchNorm batch statistics (train) or running statistics (eval) "
+                        "(default: the run's protocol: eval with --disable_dropout, else train)")
+    p.add_argument("--tol", type=float, default=LAMBDA_TOL,
+                   help=f"relative residual at which eigenvalues are accepted (default: {LAMBDA_TOL:g})")
+    p.add_argument("--abridged_size", type=int, default=None,
+                   help="training examples per subset (default: the run's abridged_size)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure on R strided subsets (offsets 0..R-1): mean and standard error (default: 1)")
+    p.add_argument("--samples", type=int, default=100, help="Hutchinson probes for trace (default: 100)")
+    p.add_argument("--lanczos_steps", type=int, default=80, help="Lanczos steps per density run (default: 80)")
+    p.add_argument("--runs", type=int, default=1, help="random starts per subset for density (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of start vectors and probes (default: 0)")
+    p.add_argument("--float64", action="store_true", help="measure in float64 (slower, for validation)")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def cmd_measure(args) -> int:
+    """Measure a finished run and append the results to measurements.json."""
+    from pathlib import Path
+
+    from . import results
+    from .data import load_dataset
+    from .errors import SharpnessError
+    from .train import RunConfig, load_final_model, resolve_device
+
+    whats = [w.strip() for w in args.what.split(",") if w.strip()]
+    bad = [w for w in whats if w not in WHATS]
+    if bad or not whats:
+        raise SharpnessError(f"unknown --what {','.join(bad) or repr(args.what)}; valid: {','.join(WHATS)}")
+    for name, value, low in (("k", args.k, 1), ("repeats", args.repeats, 1), ("samples", args.samples, 2),
+                             ("lanczos_steps", args.lanczos_steps, 1), ("runs", args.runs, 1)):
+        if value < low:
+            raise SharpnessError(f"--{name} must be >= {low}, got {value}")
+    if not args.tol > 0:
+        raise SharpnessError(f"--tol must be > 0, got {args.tol}")
+    run_dir = Path(args.run_dir)
+    summary = results.read_summary(run_dir)
+    if summary is None:
+        raise SharpnessError(f"{run_dir} is not a finished run (no readable summary.json)")
+    if summary.get("status") == "diverged":
+        raise SharpnessError(f"the run at {run_dir} diverged; it has no final network to measure")
+    try:
+        cfg = RunConfig(**summary["config"])
+    except TypeError as exc:
+        raise SharpnessError(f"{run_dir / results.SUMMARY} has an unknown config: {exc}") from None
+    if args.abridged_size is not None:
+        if args.abridged_size < 1:
+            raise SharpnessError(f"--abridged_size must be >= 1, got {args.abridged_size}")
+        cfg.abridged_size = args.abridged_size
+    device = resolve_device(args.device)
+    data = load_dataset(cfg.dataset)
+    model = load_final_model(run_dir, cfg, data, device)
+    mode, dropout = measurement_modes(cfg, model)
+    if args.mode is not None:
+        mode = args.mode
+        dropout = "off" if mode == "eval" else dropout
+    n = len(data.y_train)
+    if args.repeats > 1 and args.repeats > n // min(cfg.abridged_size, n):
+        raise SharpnessError(f"--repeats {args.repeats} needs disjoint strided subsets: with {n} training "
+                             f"examples use --abridged_size {n // args.repeats} or less")
+    subsets = [abridged(data, cfg.abridged_size, offset) for offset in range(args.repeats)]
+    common = {"mode": mode, "dropout": dropout, "chunk_size": chunk_size(cfg),
+              "abridged_size": len(subsets[0][1]), "offsets": list(range(args.repeats)),
+              "repeats": args.repeats, "seed": args.seed, "float64": bool(args.float64)}
+    records = []
+    with results.RunLock(run_dir):
+        for what in whats:
+            rec = _measure_one(what, model, subsets, device, args, common)
+            records.append(rec)
+            print(_describe(rec), flush=True)
+        path = run_dir / results.MEASUREMENTS
+        existing = results.read_json(path) if path.exists() else {"measurements": []}
+        existing["measurements"].extend(records)
+        results.atomic_write_json(path, existing)
+    print(f"appended {len(records)} measurement(s) to {run_dir / results.MEASUREMENTS}")
+    return 0
+
+
+def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
+    import math
+    import time
+
+    import numpy as np
+
+    from .train import versions
+
+    kw = dict(batch_size=common["chunk_size"], mode=common["mode"], dropout=common["dropout"],
+              dtype=torch.float64 if args.float64 else None)
+    values, residuals, matvecs, extra = [], [], 0, {}
+    densities = []
+    for X, y in subsets:
+        X, y = X.to(device), y.to(device)
+        if what in ("lambda_max", "lambda_min", "topk"):
+            fn = hessian.bottom_eigenvalues if what == "lambda_min" else hessian.top_eigenvalues
+            spec = fn(model, X, y, k=args.k if what == "topk" else 1, tol=args.tol, seed=args.seed,
+                      progress=not args.quiet, **kw)
+            values.append(spec.eigenvalues if what == "topk" else spec.eigenvalues[0])
+            residuals.append(spec.residuals if what == "topk" else spec.residuals[0])
+            matvecs += spec.matvecs
+            extra.setdefault("converged", True)
+            extra["converged"] = extra["converged"] and spec.converged
+        elif what == "trace":
+            est, se = hessian.hessian_trace(model, X, y, samples=args.samples, seed=args.seed, **kw)
+            values.append(est)
+            residuals.append(se)
+            matvecs += args.samples
+        else:
+            d = hessian.spectral_density(model, X, y, lanczos_steps=args.lanczos_steps, runs=args.runs,
+                                         seed=args.seed, **kw)
+            densities.append(d)
+            matvecs += d.matvecs
+    rec = {"what": what, **common, "tol": args.tol if what in ("lambda_max", "lambda_min", "topk") else None,
+           "matvecs": matvecs, **extra}
+    if what == "topk":
+        arr = np.array(values)
+        rec.update(value=arr.mean(0).tolist(), values=values, residual=np.max(residuals, 0).tolist(), k=args.k,
+                   stderr=(arr.std(0, ddof=1) / math.sqrt(len(values))).tolist() if len(values) > 1 else None)
+    elif what == "density":
+        rec.update(_density_files(densities, args))
+    else:
+        arr = np.array(values)
+        rec.update(value=float(arr.mean()), values=[float(v) for v in values],
+                   stderr=float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None)
+        if what == "trace":
+            rec.update(samples=args.samples, probe_stderr=[float(r) for r in residuals],
+                       stderr=float(math.sqrt(sum(r * r for r in residuals)) / len(residuals))
+                       if len(values) == 1 else rec["stderr"])
+        else:
+            rec["residual"] = float(max(residuals))
+    rec.update(versions=versions(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    return rec
+
+
+def _density_files(densities, args) -> dict:
+    """Average the subsets' quadratures; write spectral_density.png and .npz next to the run."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import results
+
+    nodes = np.concatenate([d.nodes for d in densities])
+    weights = np.concatenate([d.weights / len(densities) for d in densities])
+    grid, density, sigma = hessian.smoothed_density(nodes, weights)
+    run_dir = Path(args.run_dir)
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, grid=grid, density=density, nodes=nodes, weights=weights)
+    results.atomic_write_bytes(run_dir / "spectral_density.npz", buf.getvalue())
+    _plot_density(grid, density, run_dir / "spectral_density.png", run_dir.name)
+    return {"value": None, "png": "spectral_density.png", "npz": "spectral_density.npz", "sigma": sigma,
+            "lanczos_steps": args.lanczos_steps, "runs": args.runs,
+            "range": [float(nodes.min()), float(nodes.max())]}
+
+
+def _plot_density(grid, density, path, title: str) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from . import results
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    ax.semilogy(grid, np.maximum(density, 1e-12), color="tab:blue")
+    ax.set_ylim(bottom=max(1e-8, float(density.max()) * 1e-8))
+    ax.set_xlabel("eigenvalue of the training-loss Hessian")
+    ax.set_ylabel("density (log scale)")
+    ax.set_title(f"Hessian spectral density (SLQ)\n{title}", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    results.atomic_write_bytes(path, buf.getvalue())
+
+
+def _describe(rec: dict) -> str:
+    what = rec["what"]
+    n = f"{rec['repeats']} subset(s) of {rec['abridged_size']}"
+    if what == "density":
+        lo, hi = rec["range"]
+        return f"density: eigenvalues in [{lo:.4g}, {hi:.4g}], {n}, {rec['matvecs']} HVPs -> {rec['png']}"
+    if what == "topk":
+        vals = ", ".join(f"{v:.4f}" for v in rec["value"])
+        return f"top {rec['k']}: {vals} ({n}, max residual {max(rec['residual']):.1e}, {rec['matvecs']} HVPs)"
+    se = f" ± {rec['stderr']:.4f}" if rec.get("stderr") is not None else ""
+    tail = f"residual {rec['residual']:.1e}, " if "residual" in rec else ""
+    return f"{what} = {rec['value']:.4f}{se} ({n}, {tail}{rec['matvecs']} HVPs)"
