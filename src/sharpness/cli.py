@@ -231,3 +231,7 @@ def script_main(command: str, argv: list[str] | None = None) -> int:
         add_run_arguments(parser)
         parser.set_defaults(func={"train": cmd_train, "eval": cmd_eval}[command])
     return dispatch(parser.parse_args(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -153,7 +154,9 @@ def safe_torch_load(path: Path, map_location: str | torch.device = "cpu") -> Any
     if not path.exists():
         raise SharpnessError(f"file not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickles before refusing them
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise SharpnessError(f"cannot read {path}: corrupt or not a weights-only torch file ({first})") from None
@@ -228,3 +231,10 @@ class RunLock:
                 pass
             os.close(self.fd)  # closing releases the flock
             self.fd = None
+
+
+def load(results_dir: Path | str):
+    """Every run under `results_dir` as a pandas DataFrame, one row per run (the columns of runs.csv)."""
+    from .report import runs_dataframe
+
+    return runs_dataframe(Path(results_dir))

@@ -395,11 +395,18 @@ class Trainer:
             except SharpnessError as exc:
                 self.log(f"warning: {exc}; trying the previous checkpoint")
                 continue
-            stored = {k: v for k, v in state.get("config", {}).items() if k not in NOT_TRAINING_FIELDS}
+            stored = state.get("config", {}) if isinstance(state, dict) else {}
+            stored = {k: v for k, v in stored.items() if k not in NOT_TRAINING_FIELDS}
             if stored != self.cfg.training_identity():
                 raise SharpnessError(f"{path} belongs to a different configuration; "
                                      "use --force to start this run over")
-            self.load_state(state)
+            try:
+                self.load_state(state)
+            except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+                self.log(f"warning: cannot use {path} ({type(exc).__name__}: {exc}); "
+                         "trying the previous checkpoint")
+                self.__init__(self.cfg, self.opts, self.data, self.device, self.run_dir, self.log)
+                continue
             self.resumed_from = name
             self.log(f"resuming from {path} (epoch {self.epoch}, step {self.step})")
             return

@@ -1,0 +1,88 @@
+"""`sharpness measure` on a finished run, and λmax during training (--eig_freq)."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharpness import cli, hessian, results
+from sharpness.data import load_dataset
+from sharpness.measure import abridged
+from sharpness.train import RunConfig, load_final_model
+
+ARGS = ["digits", "mlp_p=0", "100", "0.05", "--quiet", "--max_epochs", "2", "--abridged_size", "300"]
+
+
+def _dir(root, **kw):
+    return Path(root) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=2, **kw))
+
+
+@pytest.fixture
+def finished(workdirs):
+    assert cli.main(["train", *ARGS]) == 0
+    return _dir(workdirs)
+
+
+def test_measure_everything(finished, capsys):
+    assert cli.main(["measure", str(finished), "--what", "lambda_max,lambda_min,topk,trace,density",
+                     "--k", "3", "--repeats", "2", "--abridged_size", "200", "--samples", "10",
+                     "--lanczos_steps", "20", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "lambda_max = " in out and "top 3:" in out and "spectral_density.png" in out
+    recs = {r["what"]: r for r in json.loads((finished / "measurements.json").read_text())["measurements"]}
+    assert set(recs) == {"lambda_max", "lambda_min", "topk", "trace", "density"}
+    lam = recs["lambda_max"]
+    assert lam["repeats"] == 2 and lam["offsets"] == [0, 1] and len(lam["values"]) == 2
+    assert lam["value"] == pytest.approx(sum(lam["values"]) / 2) and lam["stderr"] > 0
+    assert lam["residual"] < 1e-3 and lam["mode"] == "train" and lam["chunk_size"] == 100
+    assert recs["lambda_min"]["value"] < lam["value"]
+    assert recs["topk"]["value"] == sorted(recs["topk"]["value"], reverse=True)
+    assert recs["topk"]["value"][0] == pytest.approx(lam["value"], rel=1e-3)
+    assert (finished / "spectral_density.png").stat().st_size > 5000
+    # each subset's value is λmax of that strided subset
+    cfg = RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=2)
+    data = load_dataset("digits")
+    model = load_final_model(finished, cfg, data, torch.device("cpu"))
+    X, y = abridged(data, 200, 1)
+    direct = hessian.lambda_max(model, X, y, batch_size=100, tol=1e-6, dtype=torch.float64)
+    assert lam["values"][1] == pytest.approx(direct, rel=1e-3)
+    # a second call appends
+    assert cli.main(["measure", str(finished), "--quiet"]) == 0
+    assert len(json.loads((finished / "measurements.json").read_text())["measurements"]) == 6
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--what", "bogus"], "unknown --what"),
+    (["--k", "0"], "--k must be"),
+    (["--tol", "0"], "--tol must be"),
+    (["--repeats", "6"], "--abridged_size"),
+])
+def test_measure_bad_input(finished, capsys, extra, fragment):
+    assert cli.main(["measure", str(finished), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_measure_needs_a_finished_run(workdirs, capsys):
+    assert cli.main(["measure", str(workdirs / "nowhere")]) == 2
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_eig_freq_leaves_training_bit_identical(workdirs):
+    assert cli.main(["train", *ARGS]) == 0
+    assert cli.main(["train", *ARGS, "--eig_freq", "7"]) == 0
+    plain, eigs = _dir(workdirs), _dir(workdirs, eig_freq=7)
+    a = torch.load(plain / "snapshot_final", weights_only=True)
+    b = torch.load(eigs / "snapshot_final", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    sa = json.loads((plain / "summary.json").read_text())
+    sb = json.loads((eigs / "summary.json").read_text())
+    assert sa["final"] == sb["final"] and sa["lambda_max"] == sb["lambda_max"]
+    rows = list(csv.DictReader((eigs / "eigs.csv").read_text().splitlines()))
+    steps = sb["steps"]
+    assert [int(r["step"]) for r in rows] == list(range(0, steps, 7))
+    assert all(float(r["lambda_max"]) > 0 and float(r["residual"]) < 1e-3 for r in rows)
+    assert sb["two_over_lr"] == pytest.approx(40.0)
+    assert not (plain / "eigs.csv").exists()

@@ -1,0 +1,235 @@
+"""Nothing lost: kills, signals, locks, corrupt and malicious files, unwritable results."""
+
+import csv
+import errno
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sharpness import cli, optim, results, train
+from sharpness.train import RunConfig
+
+# a dropout net with SAM: the resume must restore the shuffle order, the dropout RNG and SAM's steps
+ARGS = ["digits", "mlp_p=2e-1", "50", "0.02", "--opt=sam", "--max_epochs", "6", "--abridged_size", "300",
+        "--quiet"]
+CFG = dict(opt="sam", max_epochs=6, abridged_size=300)
+
+
+def run_dir(root):
+    return Path(root) / results.run_relpath(RunConfig("digits", "mlp_p=2e-1", 50, 0.02, **CFG))
+
+
+def comparable(root):
+    """What must be identical between an interrupted and an uninterrupted run."""
+    d = run_dir(root)
+    s = json.loads((d / "summary.json").read_text())
+    rows = list(csv.DictReader((d / "metrics.csv").read_text().splitlines()))
+    for r in rows:
+        r.pop("elapsed_s")
+    return {"final": s["final"], "epochs": s["epochs"], "steps": s["steps"], "status": s["status"],
+            "lambda_max": s["lambda_max"], "metrics": rows,
+            "snapshot": {k: v.tolist() for k, v in torch.load(d / "snapshot_final", weights_only=True).items()}}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reference")
+    old = os.environ.get("RESULTS")
+    os.environ["RESULTS"] = str(root)
+    try:
+        assert cli.main(["train", *ARGS]) == 0
+    finally:
+        if old is None:
+            os.environ.pop("RESULTS")
+        else:
+            os.environ["RESULTS"] = old
+    return comparable(root)
+
+
+def signal_at_step(monkeypatch, step: int, signum: int):
+    """Make the training process receive `signum` from itself right after optimisation step `step`."""
+    calls = {"n": 0}
+    real = optim.sam_step
+
+    def stepping(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return out
+
+    monkeypatch.setattr(train, "sam_step", stepping)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_checkpoints_and_resume_is_identical(workdirs, monkeypatch, capsys, reference, signum, code):
+    signal_at_step(monkeypatch, 47, signum)  # mid-epoch (30 steps per epoch)
+    assert cli.main(["train", *ARGS]) == code
+    err = capsys.readouterr().err
+    assert "checkpoint saved" in err and "resume" in err and "Traceback" not in err
+    state = torch.load(run_dir(workdirs) / "checkpoint", weights_only=True)
+    assert state["step"] == 47 and state["batch"] == 17 and state["epoch"] == 1
+    assert not (run_dir(workdirs) / "summary.json").exists()
+    monkeypatch.setattr(train, "sam_step", optim.sam_step)
+    assert cli.main(["train", *ARGS]) == 0
+    assert comparable(workdirs) == reference
+    assert json.loads((run_dir(workdirs) / "summary.json").read_text())["resumed"] is True
+
+
+def test_finished_run_is_not_trained_again(workdirs, capsys):
+    assert cli.main(["train", *ARGS]) == 0
+    first = json.loads((run_dir(workdirs) / "summary.json").read_text())
+    capsys.readouterr()
+    assert cli.main(["train", *ARGS[:-1]]) == 0  # not quiet: says why
+    out = capsys.readouterr().out
+    assert "already finished" in out and "[final test accuracy" in out
+    assert json.loads((run_dir(workdirs) / "summary.json").read_text()) == first
+    assert cli.main(["train", *ARGS, "--force"]) == 0
+    again = json.loads((run_dir(workdirs) / "summary.json").read_text())
+    assert again["finished_at"] >= first["finished_at"] and again["final"] == first["final"]
+
+
+def test_corrupt_latest_checkpoint_falls_back(workdirs, monkeypatch, capsys, reference):
+    signal_at_step(monkeypatch, 75, signal.SIGTERM)  # epoch 2: checkpoint and checkpoint.prev exist
+    assert cli.main(["train", *ARGS]) == 143
+    d = run_dir(workdirs)
+    assert (d / "checkpoint.prev").exists()
+    (d / "checkpoint").write_bytes(b"PK\x03\x04 garbage from a failing disk")
+    monkeypatch.setattr(train, "sam_step", optim.sam_step)
+    capsys.readouterr()
+    assert cli.main(["train", *ARGS[:-1]]) == 0
+    out = capsys.readouterr().out
+    assert str(d / "checkpoint") in out and "previous checkpoint" in out
+    assert comparable(workdirs) == reference
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_crafted_pickle_is_refused_not_executed(workdirs, capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    d = run_dir(workdirs)
+    d.mkdir(parents=True)
+    with open(d / "checkpoint", "wb") as f:
+        pickle.dump({"model": _Exploit(marker)}, f)
+    torch.save({"model": _Exploit(marker)}, d / "snapshot_final", _use_new_zipfile_serialization=True)
+    assert cli.main(["train", *ARGS[:-1]]) == 0  # reported, then a fresh start
+    assert "cannot read" in capsys.readouterr().out
+    assert not marker.exists()
+    # eval of a crafted snapshot_final: refused with a clear error
+    torch.save({"model": _Exploit(marker)}, d / "snapshot_final")
+    assert cli.main(["eval", *ARGS]) == 2
+    assert "weights-only" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_second_process_is_locked_out(workdirs, capsys):
+    d = run_dir(workdirs)
+    d.mkdir(parents=True)
+    with results.RunLock(d):
+        assert cli.main(["train", *ARGS]) == 2
+        err = capsys.readouterr().err
+        assert "in use by another process" in err and f"pid {os.getpid()}" in err
+    assert cli.main(["train", *ARGS]) == 0  # released on exit
+
+
+def test_lock_of_a_dead_process_is_free(workdirs, tmp_path):
+    d = run_dir(workdirs)
+    d.mkdir(parents=True)
+    code = ("import sys, time; from sharpness.results import RunLock; "
+            f"l = RunLock({str(d)!r}).__enter__(); print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    with pytest.raises(Exception, match="in use"):
+        results.RunLock(d).__enter__()
+    proc.kill()
+    proc.wait()
+    with results.RunLock(d):
+        pass
+
+
+def test_unwritable_results_root(monkeypatch, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("RESULTS", str(blocker / "results"))
+    assert cli.main(["train", *ARGS]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(blocker) in err and "cannot create" in err
+
+
+def test_disk_full_names_the_path_and_keeps_the_old_file(tmp_path, monkeypatch):
+    target = tmp_path / "summary.json"
+    results.atomic_write_json(target, {"old": True})
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(results.os, "fdopen", lambda fd, mode: Full(real_fdopen(fd, mode)))
+    with pytest.raises(results.SharpnessError, match="disk full") as err:
+        results.atomic_write_json(target, {"new": True})
+    assert str(target) in str(err.value)
+    monkeypatch.setattr(results.os, "fdopen", real_fdopen)
+    assert json.loads(target.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temporary left behind
+
+
+def _all_files_loadable(d: Path) -> None:
+    for p in d.rglob("*"):
+        if p.is_dir() or any(part.startswith(".") for part in p.relative_to(d).parts):
+            continue
+        if p.suffix == ".json":
+            json.loads(p.read_text())
+        elif p.suffix == ".csv":
+            list(csv.reader(p.read_text().splitlines()))
+        elif p.suffix not in (".png", ".npz"):
+            torch.load(p, weights_only=True)
+
+
+def test_sigkill_at_random_moments(tmp_path, reference):
+    """SIGKILL the training process at random moments; every file stays loadable; the end is identical."""
+    env = {**os.environ, "RESULTS": str(tmp_path)}
+    cmd = [sys.executable, "-m", "sharpness.cli", "train", *ARGS]
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(12):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if attempt < 4:
+            deadline = time.monotonic() + rng.uniform(2.0, 5.0)
+            while time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.01)
+            if proc.poll() is None:
+                proc.kill()
+                kills += 1
+        proc.wait(timeout=300)
+        if run_dir(tmp_path).exists():
+            _all_files_loadable(run_dir(tmp_path))
+        if attempt >= 4:
+            assert proc.returncode == 0, proc.stderr.read().decode()
+            break
+    assert kills >= 2, "the kills should land while the run is alive"
+    assert comparable(tmp_path) == reference
