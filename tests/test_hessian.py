@@ -1,5 +1,6 @@
 """The Hessian engine against dense float64 Hessians (eigvalsh) on small nets."""
 
+import copy
 import math
 import warnings
 
@@ -264,3 +265,63 @@ def test_no_warning_when_converged(dense):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         H.lambda_max(model, X, y, batch_size=chunk, tol=1e-6, dtype=F64)
+
+
+def test_lanczos_start_vector():
+    """A given start vector is used: an exact eigenvector converges in one product; zero is refused."""
+    A = torch.diag(torch.tensor([5.0, 3.0, 1.0, -2.0], dtype=F64))
+    e0 = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=F64)
+    spec = H.lanczos(lambda v: A @ v, 4, tol=1e-10, dtype=F64, start=3 * e0)
+    assert spec.matvecs == 1 and spec.eigenvalues == [5.0]
+    with pytest.raises(ValueError, match="start vector"):
+        H.lanczos(lambda v: A @ v, 4, dtype=F64, start=torch.zeros(4, dtype=F64))
+    with pytest.raises(ValueError, match="start vector has shape"):
+        H.lanczos(lambda v: A @ v, 4, dtype=F64, start=torch.ones(5, dtype=F64))
+
+
+def test_lanczos_leaves_matvec_output_alone():
+    """An operator may return a tensor it keeps (here: the identity returns its input)."""
+    spec = H.lanczos(lambda v: v, 20, k=2, tol=1e-8, dtype=F64)
+    assert spec.converged and np.allclose(spec.eigenvalues, [1.0, 1.0])
+
+
+@pytest.mark.parametrize("shape, affine", [((6, 5), True), ((6, 5, 3), False), ((3, 4, 2, 2), True)])
+def test_batch_statistics_norm_is_train_mode_batchnorm(shape, affine):
+    """The measured copy's batch-statistics BatchNorm computes what a train-mode BatchNorm computes."""
+    bn = {2: torch.nn.BatchNorm1d, 3: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[len(shape)](
+        shape[1], affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 2.0)
+            bn.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(shape, dtype=F64) * 3 + 2
+    assert torch.allclose(H._BatchStatNorm(bn)(x), bn.train()(x), rtol=1e-12, atol=1e-12)
+    if len(shape) == 2:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            H._BatchStatNorm(bn)(x[:1])
+
+
+def test_eval_mode_keeps_running_statistics(dense):
+    """In eval mode BatchNorm is the affine map of its running statistics, so it is not replaced."""
+    model, X, y, chunk, mode, dropout, ev = dense["conv_bn_eval"]
+    op = H.HessianOperator(model, X, y, batch_size=chunk, mode="eval")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in op.model.modules())
+    op = H.HessianOperator(model, X, y, batch_size=chunk, mode="train")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in op.model.modules())
+
+
+def test_batchnorm_subclass_and_hooked_batchnorm_kept():
+    """Only plain, hook-free BatchNorm layers are rewritten; anything else keeps its own forward."""
+    class Shifted(torch.nn.BatchNorm1d):
+        def forward(self, x):
+            return super().forward(x) + 1.0
+
+    hooked = torch.nn.BatchNorm1d(3)
+    hooked.register_forward_hook(lambda module, inputs, output: output * 2)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), Shifted(3), hooked, torch.nn.Linear(3, 2))
+    X, y = data(10, (4,), 2)
+    op = H.HessianOperator(model, X, y, batch_size=10, mode="train", dtype=F64)
+    assert [type(m) for m in op.model][1:3] == [Shifted, torch.nn.BatchNorm1d]
+    twin = copy.deepcopy(model).double().train()
+    expected = torch.nn.functional.cross_entropy(twin(X.double()), y).item()
+    assert op.loss() == pytest.approx(expected, rel=1e-12)

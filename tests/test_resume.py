@@ -210,26 +210,41 @@ def _all_files_loadable(d: Path) -> None:
             torch.load(p, weights_only=True)
 
 
+def _epochs_logged(d: Path) -> int:
+    try:
+        return len((d / "metrics.csv").read_text().splitlines()) - 1
+    except OSError:
+        return 0
+
+
 def test_sigkill_at_random_moments(tmp_path, reference):
     """SIGKILL the training process at random moments; every file stays loadable; the end is identical."""
     env = {**os.environ, "RESULTS": str(tmp_path)}
     cmd = [sys.executable, "-m", "sharpness.cli", "train", *ARGS]
+    d = run_dir(tmp_path)
     rng = random.Random(1234)
+    # moments: once while starting up, then a little after random epochs were logged (mid-epoch,
+    # mid-write, mid-checkpoint), then after the final snapshot (while λmax is measured)
+    plan = [("startup", rng.uniform(0.2, 1.5))] + [("epoch", e) for e in sorted(rng.sample(range(1, 6), 3))]
+    plan.append(("final", 0))
     kills = 0
-    for attempt in range(12):
+    for kind, value in plan:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if attempt < 4:
-            deadline = time.monotonic() + rng.uniform(2.0, 5.0)
-            while time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.01)
-            if proc.poll() is None:
-                proc.kill()
-                kills += 1
+        if kind == "startup":
+            time.sleep(value)
+        else:
+            done = (lambda: (d / "snapshot_final").exists()) if kind == "final" else \
+                (lambda: _epochs_logged(d) >= value)
+            while proc.poll() is None and not done():
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.1))
+        if proc.poll() is None:
+            proc.kill()
+            kills += 1
         proc.wait(timeout=300)
-        if run_dir(tmp_path).exists():
-            _all_files_loadable(run_dir(tmp_path))
-        if attempt >= 4:
-            assert proc.returncode == 0, proc.stderr.read().decode()
-            break
-    assert kills >= 2, "the kills should land while the run is alive"
+        if d.exists():
+            _all_files_loadable(d)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert kills >= 3, "the kills should land while the run is alive"
     assert comparable(tmp_path) == reference

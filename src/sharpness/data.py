@@ -139,6 +139,11 @@ def standardize(X_train: torch.Tensor, X_test: torch.Tensor) -> tuple[torch.Tens
             ((X_test.to(torch.float64) - mean) / std).to(torch.float32))
 
 
+def is_prepared(name: str, root: Path | None = None) -> bool:
+    """Whether `name` is cached under the datasets directory (loading it needs no raw files)."""
+    return _cache_path(Path(root) if root is not None else datasets_dir(), name).exists()
+
+
 def _cache_path(root: Path, name: str) -> Path:
     return root / "prepared" / CACHE_VERSION / f"{name}.pt"
 

@@ -1,0 +1,366 @@
+"""`sharpness report` on a small real sweep on digits, a damaged results folder, and the findings' rules."""
+
+import contextlib
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import kendalltau
+
+from sharpness import cli, findings, report, results
+from sharpness.findings import Cell
+from sharpness.train import RunConfig
+
+COMMON = ["--quiet", "--max_epochs", "3", "--abridged_size", "200", "--acc_goal", "0.8"]
+SETTINGS = dict(max_epochs=3, abridged_size=200, acc_goal=0.8)
+MIN_FIGURE_BYTES = 5000
+
+
+@contextlib.contextmanager
+def results_env(root: Path):
+    """$RESULTS = root, and one torch thread (these tiny runs are several times faster on a busy machine)."""
+    old, threads = os.environ.get("RESULTS"), torch.get_num_threads()
+    os.environ["RESULTS"] = str(root)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if old is None:
+            os.environ.pop("RESULTS", None)
+        else:
+            os.environ["RESULTS"] = old
+
+
+def train(arch, bs, lr, *extra):
+    assert cli.main(["train", "digits", arch, str(bs), str(lr), *COMMON, *extra]) == 0
+
+
+def run_dir(root, arch, bs, lr, **kw):
+    return Path(root) / results.run_relpath(RunConfig("digits", arch, bs, lr, **{**SETTINGS, **kw}))
+
+
+def fake_run(root, template: Path, arch, lr, lam, test_acc):
+    """A run folder in the real layout, from a real summary with changed config and results."""
+    summary = json.loads((template / "summary.json").read_text())
+    summary["config"].update(arch_id=arch, lr=lr)
+    summary["lambda_max"]["value"] = lam
+    summary["final"]["test_acc"] = test_acc
+    summary["two_over_lr"] = 2 / lr
+    d = Path(root) / results.run_relpath(RunConfig(**summary["config"]))
+    d.mkdir(parents=True)
+    summary["run_dir"] = str(results.run_relpath(RunConfig(**summary["config"])))
+    (d / "summary.json").write_text(json.dumps(summary))
+    shutil.copy(template / "metrics.csv", d / "metrics.csv")
+    return d
+
+
+# BN vs no BN (fake, see fake_run): BN is sharper at 0.05 and flatter at 0.1, and better at both
+BN_RUNS = [("vgg11_no_dropout", 0.05, 10.0, 0.80), ("vgg11_no_dropout", 0.1, 8.0, 0.82),
+           ("vgg11_bn_no_dropout", 0.05, 12.0, 0.85), ("vgg11_bn_no_dropout", 0.1, 6.0, 0.86)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A real sweep on digits: SGD at 3 learning rates x 2 batch sizes, SAM at 2 batch sizes, a second
+    seed, λmax during training for one run, two dropout rates, repeated λmax and trace for one run;
+    plus BN / no-BN runs written in the real layout (VGG on CPU is too slow for a unit test)."""
+    root = tmp_path_factory.mktemp("sweep") / "results"
+    with results_env(root):
+        for bs in (32, 128):
+            for lr in (0.05, 0.1, 0.2):
+                train("mlp_p=0", bs, lr, *(["--eig_freq", "10"] if (bs, lr) == (128, 0.2) else []))
+            train("mlp_p=0", bs, 0.1, "--opt", "sam")
+        train("mlp_p=0", 128, 0.1, "--network_seed", "1")
+        for arch in ("mlp_p=5e-1", "mlp_p=7e-1"):
+            train(arch, 32, 0.1)
+        measured = run_dir(root, "mlp_p=0", 32, 0.1)
+        assert cli.main(["measure", str(measured), "--what", "lambda_max,trace", "--repeats", "2",
+                         "--abridged_size", "200", "--samples", "5", "--quiet"]) == 0
+    for arch, lr, lam, acc in BN_RUNS:
+        fake_run(root, run_dir(root, "mlp_p=0", 32, 0.05), arch, lr, lam, acc)
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert cli.main(["report", str(sweep), "--out", str(out)]) == 0
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def num(text):
+    return float(text) if text not in ("", None) else None
+
+
+def check_image(path: Path):
+    assert path.stat().st_size > MIN_FIGURE_BYTES, path
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert min(im.size) > 300
+
+
+def test_every_figure_is_a_real_image(built):
+    stats = json.loads((built / "stats.json").read_text())
+    files = stats["figures"]
+    prefixes = {Path(f).name.split("-")[0] for f in files if not f.startswith("figures/runs/")}
+    assert prefixes == {"1_lambda_vs_lr", "2_test_acc_vs_lr", "3_acc_vs_lambda", "4_sgd_vs_sam", "5_dropout",
+                        "6_batchnorm"}
+    per_run = [f for f in files if f.startswith("figures/runs/")]
+    assert len(per_run) == stats["runs"]  # every run has metrics.csv
+    assert any("eig_freq_10" in f for f in per_run)
+    for f in files:
+        check_image(built / f)
+    text = (built / "report.md").read_text()
+    for f in files:
+        assert f"]({f})" in text
+
+
+def test_runs_csv_matches_summaries(built, sweep):
+    rows = read_csv(built / "runs.csv")
+    summaries = sorted(sweep.rglob("summary.json"))
+    assert len(rows) == len(summaries) == 11 + len(BN_RUNS)
+    by_dir = {r["run_dir"]: r for r in rows}
+    for path in summaries:
+        s = json.loads(path.read_text())
+        r = by_dir[str(path.parent.relative_to(sweep))]
+        assert r["status"] == s["status"] == "done"
+        for k, v in s["config"].items():
+            assert r[k] == ("" if v is None else str(v)), k
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert num(r[k]) == s["final"][k]
+        assert num(r["gap_acc"]) == pytest.approx(s["final"]["train_acc"] - s["final"]["test_acc"])
+        assert num(r["gap_loss"]) == pytest.approx(s["final"]["test_loss"] - s["final"]["train_loss"])
+        assert num(r["lambda_max"]) == s["lambda_max"]["value"]
+        assert num(r["lambda_max_residual"]) == s["lambda_max"]["residual"]
+        assert int(r["epochs"]) == s["epochs"] and num(r["two_over_lr"]) == pytest.approx(2 / s["config"]["lr"])
+    measured = by_dir[str(run_dir(sweep, "mlp_p=0", 32, 0.1).relative_to(sweep))]
+    recs = {m["what"]: m for m in json.loads((run_dir(sweep, "mlp_p=0", 32, 0.1) / "measurements.json")
+                                               .read_text())["measurements"]}
+    assert int(measured["lambda_max_repeats"]) == 2
+    assert num(measured["lambda_max_mean"]) == recs["lambda_max"]["value"]
+    assert num(measured["lambda_max_stderr"]) == recs["lambda_max"]["stderr"]
+    assert num(measured["trace"]) == recs["trace"]["value"]
+    others = [r for r in rows if r is not measured]
+    assert all(r["lambda_max_mean"] == "" and r["trace"] == "" and r["lambda_max_repeats"] == "1" for r in others)
+
+
+def test_kendall_tau_matches_scipy(built):
+    rows = [r for r in read_csv(built / "runs.csv") if r["status"] == "done"]
+    stats = json.loads((built / "stats.json").read_text())
+    taus = {e["group"]: e for e in stats["kendall"]}
+    groups = {"all runs": rows, "batch size 32": [r for r in rows if r["batch_size"] == "32"],
+              "optimizer SGD": [r for r in rows if r["opt"] == "sgd"]}
+    for name, g in groups.items():
+        lam = [num(r["lambda_max"]) for r in g]
+        for y, key in (("test_acc", "test_acc"), ("gap_acc", "gap_acc")):
+            expected = kendalltau(lam, [num(r[key]) for r in g])
+            got = taus[name][f"lambda_max_vs_{y}"]
+            assert taus[name]["n"] == len(g)
+            assert got["tau"] == pytest.approx(expected.statistic) and got["p_value"] == pytest.approx(expected.pvalue)
+    # SAM has 2 runs: too few for a tau, and said so
+    assert "optimizer SAM ρ=0.05" not in taus
+    assert any(n.startswith("optimizer SAM ρ=0.05: 2 run(s)") for n in stats["kendall_skipped"])
+
+
+def test_report_text_tables_and_findings(built):
+    text = (built / "report.md").read_text()
+    stats = json.loads((built / "stats.json").read_text())
+    assert len(stats["findings"]) == 5
+    for f in stats["findings"]:
+        assert f["verdict"] in ("supported", "not supported", "not enough runs")
+        assert f"### Finding {f['finding']}: {f['verdict']}" in text
+        for p in f["parts"]:
+            assert p["rule"] in text
+    # the fake BN runs are built to support finding 5 (BN sharper at one η, better at both)
+    assert stats["findings"][4]["verdict"] == "supported"
+    # two seeds at (SGD, 128, 0.1): mean ± standard error in the table
+    assert "| SGD | 128 | 0.1 | " in text and " ± " in text and "| 2 |" in text
+    assert "2/η" in text and "Kendall" in text
+
+
+def test_results_load_has_the_columns_of_runs_csv(built, sweep):
+    df = results.load(sweep)
+    with open(built / "runs.csv", newline="") as f:
+        header = next(csv.reader(f))
+    assert list(df.columns) == header
+    assert len(df) == len(read_csv(built / "runs.csv"))
+    row = df[df["run_dir"] == str(run_dir(sweep, "mlp_p=0", 32, 0.1).relative_to(sweep))].iloc[0]
+    assert row["lambda_max"] == json.loads((run_dir(sweep, "mlp_p=0", 32, 0.1) / "summary.json")
+                                           .read_text())["lambda_max"]["value"]
+
+
+def test_results_load_without_pandas(sweep, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(report.SharpnessError, match=r"pip install 'sharpness\[notebook\]'"):
+        results.load(sweep)
+
+
+def test_damaged_folder_still_reports(sweep, tmp_path, capsys):
+    root = tmp_path / "results"
+    shutil.copytree(sweep, root)
+    with results_env(root):
+        assert cli.main(["train", "digits", "mlp_p=0", "32", "20", *COMMON]) == 0  # diverges
+    diverged = run_dir(root, "mlp_p=0", 32, 20.0)
+    no_metrics = run_dir(root, "mlp_p=0", 32, 0.05)
+    (no_metrics / "metrics.csv").unlink()
+    measured = run_dir(root, "mlp_p=0", 32, 0.1)
+    (measured / "measurements.json").write_text("{broken")
+    in_progress = run_dir(root, "mlp_p=0", 128, 0.05)
+    (in_progress / "summary.json").unlink()  # a checkpoint and no summary: an interrupted run
+    running = run_dir(root, "mlp_p=0", 32, 0.2)
+    (running / "summary.json").unlink()  # the same, with a live process holding its lock
+    corrupt_summary = run_dir(root, "mlp_p=0", 128, 0.1)
+    (corrupt_summary / "summary.json").write_text("{not json")
+    lost = root / "digits/arch_mlp_p=0/ce/sgd/no_change_lr/lr_0.3_bs_32_0"
+    lost.mkdir(parents=True)
+    (lost / "checkpoint").write_bytes(b"garbage")
+    failed = root / "digits/arch_mlp_p=0/ce/sgd/no_change_lr/lr_0.4_bs_32_0"
+    failed.mkdir(parents=True)
+    (failed / report.FAILURE).write_text(json.dumps({"error": "worker lost 3 times",
+                                                     "config": RunConfig("digits", "mlp_p=0", 32, 0.4).identity()}))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    with results.RunLock(running):
+        assert cli.main(["report", str(root), "--out", str(out), "--format", "pdf"]) == 0
+    console = capsys.readouterr().out
+    rows = {r["run_dir"]: r for r in read_csv(out / "runs.csv")}
+    rel = lambda d: str(d.relative_to(root))  # noqa: E731
+    assert rows[rel(diverged)]["status"] == "diverged" and rows[rel(diverged)]["lambda_max"] == ""
+    assert "diverged at epoch 0" in rows[rel(diverged)]["note"]
+    assert rows[rel(in_progress)]["status"] == "interrupted"
+    assert rows[rel(running)]["status"] == "running" and rows[rel(running)]["train_acc"] == ""
+    assert rows[rel(in_progress)]["lr"] == "0.05" and rows[rel(in_progress)]["epochs"] != ""
+    assert rows[rel(corrupt_summary)]["status"] == "unreadable" and "cannot read" in rows[rel(corrupt_summary)]["note"]
+    assert rows[rel(corrupt_summary)]["batch_size"] == "128"  # settings from the checkpoint
+    assert rows[rel(lost)]["status"] == "interrupted" and rows[rel(lost)]["dataset"] == ""
+    assert "settings unknown" in rows[rel(lost)]["note"]
+    assert rows[rel(failed)]["status"] == "failed" and "worker lost 3 times" in rows[rel(failed)]["note"]
+    assert rows[rel(measured)]["status"] == "done" and rows[rel(measured)]["lambda_max_mean"] == ""
+    assert "measurements.json" in rows[rel(measured)]["note"]
+    text = (out / "report.md").read_text()
+    for d in (diverged, in_progress, running, corrupt_summary, lost, failed):
+        assert f"| {rel(d)} |" in text.split("## Figures not drawn")[0]
+        assert f"left out of the figures: {rel(d)}" in console
+    assert f"figure 7 (training curves) for {rel(no_metrics)}: metrics.csv missing or unreadable" in text
+    assert "metrics.csv missing" in console
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["status_counts"] == {"diverged": 1, "done": 11 + len(BN_RUNS) - 3, "failed": 1, "interrupted": 2,
+                                      "running": 1, "unreadable": 1}
+    for f in stats["figures"]:
+        assert (out / f).read_bytes()[:4] == b"%PDF" and (out / f).stat().st_size > MIN_FIGURE_BYTES
+
+
+def test_sweep_file_source(sweep, tmp_path):
+    config = tmp_path / "lr.toml"
+    config.write_text(f"""
+[sweep]
+results = "{sweep}"
+
+[fixed]
+dataset = "digits"
+arch_id = "mlp_p=0"
+batch_size = 32
+max_epochs = 3
+abridged_size = 200
+acc_goal = 0.8
+
+[grid]
+lr = [0.05, 0.1, 0.2, 0.4]
+""")
+    assert cli.main(["report", str(config), "--format", "svg"]) == 0
+    out = sweep / "reports" / "lr"  # the default for a sweep file: <its results root>/reports/<name>
+    rows = read_csv(out / "runs.csv")
+    assert [(r["lr"], r["status"]) for r in rows] == [("0.05", "done"), ("0.1", "done"), ("0.2", "done"),
+                                                      ("0.4", "pending")]
+    assert rows[0]["run_dir"] == str(run_dir(sweep, "mlp_p=0", 32, 0.05).relative_to(sweep))
+    stats = json.loads((out / "stats.json").read_text())
+    assert any(f.startswith("figures/1_lambda_vs_lr-") for f in stats["figures"])
+    for f in stats["figures"]:
+        assert b"<svg" in (out / f).read_bytes()[:400]
+    assert any("figure 4 (SGD vs SAM)" in s for s in stats["figures_skipped"])
+    shutil.rmtree(out.parent)  # leave the shared sweep as it was
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "nowhere", "no such results folder"),
+    (lambda p: p / "missing.toml", "sweep file not found"),
+    (lambda p: p, "no runs in"),
+])
+def test_bad_source(tmp_path, capsys, make, fragment):
+    assert cli.main(["report", str(make(tmp_path))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_cli_does_not_import_plotting_or_pandas():
+    code = ("import sys; from sharpness import cli; cli.build_parser(); "
+            "print(sorted(m for m in ('matplotlib', 'pandas', 'scipy.stats') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+# -- the findings' rules on hand-made seed means ------------------------------------------------
+
+def cell(lr, bs, lam, acc, arch="mlp_p=0", opt="sgd", acc_se=None):
+    row = RunConfig("digits", arch, bs, lr, opt=opt).identity()
+    return Cell(findings.panel_key(row), findings.opt_label(row), bs, lr, 1, lam, None, acc, acc_se, 0.05, None)
+
+
+def verdicts(fn, cells):
+    return [p["verdict"] for p in fn(cells)]
+
+
+def test_finding_1_rule():
+    flatter = [cell(0.05, 32, 8, 0.80), cell(0.1, 32, 6, 0.85), cell(0.05, 256, 9, 0.80), cell(0.1, 256, 7, 0.78)]
+    assert verdicts(findings.finding_1, flatter) == ["supported", "supported"]
+    sharper = [cell(0.05, 32, 6, 0.80), cell(0.1, 32, 8, 0.85)]
+    assert verdicts(findings.finding_1, sharper) == ["not supported", "not enough runs"]
+    assert verdicts(findings.finding_1, [cell(0.05, 32, 6, 0.8)]) == ["not enough runs", "not enough runs"]
+
+
+def test_finding_2_rule():
+    scaled = [cell(0.05, 32, 8, 0.80), cell(0.2, 128, 5, 0.805)]
+    assert verdicts(findings.finding_2, scaled) == ["supported", "supported"]
+    assert verdicts(findings.finding_2, [cell(0.05, 32, 8, 0.80), cell(0.2, 128, 7.9, 0.90)]) == \
+        ["not supported", "not supported"]
+    # seed noise widens the tolerance: 2 standard errors of 1 point
+    noisy = [cell(0.05, 32, 8, 0.80, acc_se=0.01), cell(0.2, 128, 5, 0.815)]
+    assert verdicts(findings.finding_2, noisy)[1] == "supported"
+
+
+def test_finding_3_rule():
+    sam = [cell(0.1, 32, 8, 0.80), cell(0.1, 32, 6, 0.85, opt="sam"),
+           cell(0.1, 512, 9, 0.80), cell(0.1, 512, 7, 0.80, opt="sam")]
+    assert verdicts(findings.finding_3, sam) == ["supported", "supported"]
+    sam[3] = cell(0.1, 512, 9.5, 0.86, opt="sam")
+    assert verdicts(findings.finding_3, sam) == ["not supported", "not supported"]
+    assert verdicts(findings.finding_3, sam[:1]) == ["not enough runs", "not enough runs"]
+
+
+def test_finding_4_rule():
+    drop = [cell(0.1, 32, 9, 0.85, "mlp_p=0"), cell(0.1, 32, 7, 0.88, "mlp_p=2e-1"), cell(0.1, 32, 5, 0.80, "mlp_p=7e-1")]
+    assert verdicts(findings.finding_4, drop) == ["supported", "supported"]
+    assert verdicts(findings.finding_4, drop[:2]) == ["not enough runs", "not enough runs"]  # p <= 0.2 is not "very high"
+    drop[2] = cell(0.1, 32, 12, 0.875, "mlp_p=7e-1")
+    assert verdicts(findings.finding_4, drop) == ["not supported", "not supported"]
+
+
+def test_finding_5_rule():
+    pairs = [cell(0.1, 32, 8, 0.80, "vgg11_no_dropout"), cell(0.1, 32, 6, 0.85, "vgg11_bn_no_dropout"),
+             cell(0.2, 32, 7, 0.80, "vgg11_no_dropout"), cell(0.2, 32, 5, 0.79, "vgg11_bn_no_dropout")]
+    assert verdicts(findings.finding_5, pairs) == ["not supported", "not supported"]
+    assert verdicts(findings.finding_5, pairs[:2]) == ["not enough runs", "supported"]
