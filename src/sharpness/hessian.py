@@ -380,6 +380,13 @@ def _orthogonal_step(basis: _Basis, w: torch.Tensor) -> tuple[torch.Tensor, np.n
     return w, host[:-1], float(host[-1])
 
 
+def _check_k_tol(k: int, tol: float) -> None:
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if not tol > 0:
+        raise ValueError(f"tol must be > 0, got {tol}")
+
+
 def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
             max_matvecs: int = 500, seed: int = 0, device=None, dtype=torch.float32,
             max_basis: int | None = None, eigenvectors: bool = False,
@@ -390,10 +397,7 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     has a relative residual below `tol` (relative to |λ| for LA, to the largest |Ritz value| for SA).
     It starts from `start` when given (any nonzero vector), else from a random vector drawn from `seed`.
     """
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    _check_k_tol(k, tol)
     if k > n:
         raise ValueError(f"k={k} exceeds the operator size {n}")
     if which not in ("LA", "SA"):
@@ -493,23 +497,22 @@ def bottom_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, k: in
 
 def _extreme(model, X, y, k, which, batch_size, mode, dropout, tol, max_matvecs, seed,
              eigenvectors, dtype, memory_budget, progress=False) -> Spectrum:
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    _check_k_tol(k, tol)
     op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
                          dtype=dtype, seed=seed, memory_budget=memory_budget)
-    matvec = op.matvec
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(desc="Hessian-vector products", unit="HVP", leave=False, dynamic_ncols=True)
+        bar = tqdm(desc="Hessian-vector products", unit="HVP", leave=False, dynamic_ncols=True,
+                   disable=None)  # no bar when stderr is not a terminal (logs stay clean)
 
-        def matvec(v):
-            out = op.matvec(v)
+    def matvec(v):
+        out = op.matvec(v)
+        if bar is not None:
             bar.update(1)
-            return out
+        return out
+
     try:
         spec = lanczos(matvec, op.numel, k=k, which=which, tol=tol, max_matvecs=max_matvecs,
                        seed=seed, device=op.device, dtype=op.dtype, eigenvectors=eigenvectors)

@@ -599,7 +599,7 @@ def _epoch_bar(quiet: bool, total: int | None, initial: int):
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=initial, desc="epochs", unit="epoch", leave=False,
-               dynamic_ncols=True, file=sys.stderr)
+               dynamic_ncols=True, file=sys.stderr, disable=None)  # none when stderr is not a terminal
     try:
         yield bar
     finally:
