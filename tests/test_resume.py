@@ -106,9 +106,9 @@ def test_corrupt_latest_checkpoint_falls_back(workdirs, monkeypatch, capsys, ref
     (d / "checkpoint").write_bytes(b"PK\x03\x04 garbage from a failing disk")
     monkeypatch.setattr(train, "sam_step", optim.sam_step)
     capsys.readouterr()
-    assert cli.main(["train", *ARGS[:-1]]) == 0
-    out = capsys.readouterr().out
-    assert str(d / "checkpoint") in out and "previous checkpoint" in out
+    assert cli.main(["train", *ARGS]) == 0  # reported even when quiet
+    err = capsys.readouterr().err
+    assert str(d / "checkpoint") in err and "previous checkpoint" in err
     assert comparable(workdirs) == reference
 
 
@@ -127,8 +127,8 @@ def test_crafted_pickle_is_refused_not_executed(workdirs, capsys, tmp_path):
     with open(d / "checkpoint", "wb") as f:
         pickle.dump({"model": _Exploit(marker)}, f)
     torch.save({"model": _Exploit(marker)}, d / "snapshot_final", _use_new_zipfile_serialization=True)
-    assert cli.main(["train", *ARGS[:-1]]) == 0  # reported, then a fresh start
-    assert "cannot read" in capsys.readouterr().out
+    assert cli.main(["train", *ARGS]) == 0  # reported, then a fresh start
+    assert "cannot read" in capsys.readouterr().err
     assert not marker.exists()
     # eval of a crafted snapshot_final: refused with a clear error
     torch.save({"model": _Exploit(marker)}, d / "snapshot_final")

@@ -152,6 +152,41 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments of `sharpness data` (and preprocess_data.py)."""
+    p.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
+
+
+def commands() -> list[tuple[str, str, str, object, object]]:
+    """Every subcommand: (name, one-line help, description, add-arguments function, command function)."""
+    from . import measure, report, sweep
+
+    return [
+        ("train", "train to the accuracy goal, then measure λmax",
+         "Train with SGD or SAM until train accuracy reaches acc_goal, then measure λmax. Resumes an "
+         "interrupted run; a finished run is shown, not trained again (--force to retrain).",
+         add_run_arguments, cmd_train),
+        ("eval", "test accuracy and λmax of a finished run",
+         "Load snapshot_final of a finished run and print "
+         "[final test accuracy = ...]\\t[max hessian eigenvalue = ...].", add_run_arguments, cmd_eval),
+        ("data", "download and prepare datasets into $DATASETS",
+         "Download (with torchvision's checksums) and prepare datasets.", add_data_arguments, cmd_data),
+        ("measure", "more Hessian measurements of a finished run",
+         "Measure a finished run's final network (λmax, λmin, top-k, trace, spectral density); results "
+         "are appended to measurements.json in the run directory.",
+         measure.add_measure_arguments, measure.cmd_measure),
+        ("sweep", "run a grid of runs from a TOML file (local processes or Ray)",
+         "Run every run of a sweep file; finished runs are skipped, interrupted ones resume.",
+         sweep.add_sweep_arguments, sweep.cmd_sweep),
+        ("status", "table of a sweep's runs and their status",
+         "Status, epochs, test accuracy and λmax of every run of a sweep.",
+         sweep.add_status_arguments, sweep.cmd_status),
+        ("report", "figures, runs.csv and statistics from a results folder or sweep",
+         "Collect every run into runs.csv, draw the paper's figures and write report.md and stats.json.",
+         report.add_report_arguments, report.cmd_report),
+    ]
+
+
 def build_parser(prog: str = "sharpness") -> Parser:
     """The full command-line parser."""
     from . import __version__
@@ -160,44 +195,10 @@ def build_parser(prog: str = "sharpness") -> Parser:
     parser.add_argument("--version", action="version", version=f"sharpness {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
-    p = sub.add_parser("train", help="train to the accuracy goal, then measure λmax",
-                       description="Train with SGD or SAM until train accuracy reaches acc_goal, "
-                                   "then measure λmax. Resumes an interrupted run; a finished run "
-                                   "is shown, not trained again (--force to retrain).")
-    add_run_arguments(p)
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("eval", help="test accuracy and λmax of a finished run",
-                       description="Load snapshot_final of a finished run and print "
-                                   "[final test accuracy = ...]\\t[max hessian eigenvalue = ...].")
-    add_run_arguments(p)
-    p.set_defaults(func=cmd_eval)
-    p = sub.add_parser("data", help="download and prepare datasets into $DATASETS",
-                       description="Download (with torchvision's checksums) and prepare datasets.")
-    p.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
-    p.set_defaults(func=cmd_data)
-
-    from . import measure, report, sweep
-
-    p = sub.add_parser("measure", help="more Hessian measurements of a finished run",
-                       description="Measure a finished run's final network (λmax, λmin, top-k, "
-                                   "trace, spectral density); results are appended to "
-                                   "measurements.json in the run directory.")
-    measure.add_measure_arguments(p)
-    p.set_defaults(func=measure.cmd_measure)
-    p = sub.add_parser("sweep", help="run a grid of runs from a TOML file (local processes or Ray)",
-                       description="Run every run of a sweep file; finished runs are skipped, "
-                                   "interrupted ones resume.")
-    sweep.add_sweep_arguments(p)
-    p.set_defaults(func=sweep.cmd_sweep)
-    p = sub.add_parser("status", help="table of a sweep's runs and their status",
-                       description="Status, epochs, test accuracy and λmax of every run of a sweep.")
-    sweep.add_status_arguments(p)
-    p.set_defaults(func=sweep.cmd_status)
-    p = sub.add_parser("report", help="figures, runs.csv and statistics from a results folder or sweep",
-                       description="Collect every run into runs.csv, draw the paper's figures and "
-                                   "write report.md and stats.json.")
-    report.add_report_arguments(p)
-    p.set_defaults(func=report.cmd_report)
+    for name, help_line, description, add_arguments, func in commands():
+        p = sub.add_parser(name, help=help_line, description=description)
+        add_arguments(p)
+        p.set_defaults(func=func)
     return parser
 
 
@@ -227,7 +228,7 @@ def script_main(command: str, argv: list[str] | None = None) -> int:
     """The original scripts: src/train.py, src/eval.py (run arguments), src/preprocess_data.py."""
     parser = Parser(prog=f"{command}.py", description=DESCRIPTION)
     if command == "preprocess_data":
-        parser.add_argument("names", nargs="*", help="datasets to prepare (default: all)")
+        add_data_arguments(parser)
         parser.set_defaults(func=cmd_data)
     else:
         add_run_arguments(parser)

@@ -96,8 +96,9 @@ class RunConfig:
         return asdict(self)
 
     def training_identity(self) -> dict:
-        """The settings that determine the training trajectory."""
-        return {k: v for k, v in asdict(self).items() if k not in NOT_TRAINING_FIELDS}
+        """The settings that determine the training trajectory (rho only matters for SAM)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in NOT_TRAINING_FIELDS and not (k == "rho" and self.opt == "sgd")}
 
 
 @dataclass
@@ -236,6 +237,13 @@ def _write(*args) -> None:
     from tqdm import tqdm
 
     tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+
+
+def _warn(message: str) -> None:
+    """A warning on stderr, shown even with --quiet."""
+    from tqdm import tqdm
+
+    tqdm.write(f"warning: {message}", file=sys.stderr)
 
 
 def _clear_run(run_dir: Path) -> None:
@@ -393,18 +401,20 @@ class Trainer:
             try:
                 state = results.safe_torch_load(path, map_location="cpu")
             except SharpnessError as exc:
-                self.log(f"warning: {exc}; trying the previous checkpoint")
+                _warn(f"{exc}; trying the previous checkpoint")
                 continue
-            stored = state.get("config", {}) if isinstance(state, dict) else {}
-            stored = {k: v for k, v in stored.items() if k not in NOT_TRAINING_FIELDS}
+            try:
+                stored = RunConfig(**state["config"]).training_identity()
+            except (TypeError, KeyError):
+                _warn(f"{path} is not a checkpoint of this package; trying the previous checkpoint")
+                continue
             if stored != self.cfg.training_identity():
                 raise SharpnessError(f"{path} belongs to a different configuration; "
                                      "use --force to start this run over")
             try:
                 self.load_state(state)
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-                self.log(f"warning: cannot use {path} ({type(exc).__name__}: {exc}); "
-                         "trying the previous checkpoint")
+                _warn(f"cannot use {path} ({type(exc).__name__}: {exc}); trying the previous checkpoint")
                 self.__init__(self.cfg, self.opts, self.data, self.device, self.run_dir, self.log)
                 continue
             self.resumed_from = name
