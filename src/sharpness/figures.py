@@ -181,10 +181,28 @@ def _log_axis(ax, axis: str, values: list[float], always: bool = False) -> bool:
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     a = ax.xaxis if axis == "x" else ax.yaxis
     subs = (1.0, 2.0, 3.0, 5.0) if vals[-1] / vals[0] >= 10 else (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
-    a.set_major_locator(FixedLocator(vals) if always and len(vals) <= 8 else LogLocator(10, subs=subs))
-    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    fixed = always and len(vals) <= 8
+    a.set_major_locator(FixedLocator(vals) if fixed else LogLocator(10, subs=subs))
+    shown = _spaced(vals) if fixed else None  # ticks at every value, labels only where they fit
+    a.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if shown is None or v in shown else ""))
     a.set_minor_formatter(NullFormatter())
     return True
+
+
+def _spaced(vals: list[float], fraction: float = 0.1) -> set[float]:
+    """The values to label on a log axis: each at least `fraction` of the axis span from the last."""
+    import math
+
+    span = math.log(vals[-1] / vals[0]) or 1.0
+    kept = [vals[0]]
+    for v in vals[1:]:
+        if math.log(v / kept[-1]) >= fraction * span:
+            kept.append(v)
+    if vals[-1] not in kept:  # the largest value is always labelled; drop its crowded neighbour
+        if len(kept) > 1 and math.log(vals[-1] / kept[-1]) < fraction * span:
+            kept.pop()
+        kept.append(vals[-1])
+    return set(kept)
 
 
 def _log_label(text: str, log: bool) -> str:
