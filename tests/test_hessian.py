@@ -325,3 +325,12 @@ def test_batchnorm_subclass_and_hooked_batchnorm_kept():
     twin = copy.deepcopy(model).double().train()
     expected = torch.nn.functional.cross_entropy(twin(X.double()), y).item()
     assert op.loss() == pytest.approx(expected, rel=1e-12)
+
+
+def test_scipy_linear_operator_view(dense):
+    from scipy.sparse.linalg import eigsh
+
+    model, X, y, chunk, mode, dropout, ev = dense["saddle"]
+    op = H.HessianOperator(model, X, y, batch_size=chunk, dtype=F64)
+    top = eigsh(op.as_linear_operator(), k=1, which="LA", return_eigenvectors=False)[0]
+    assert abs(top - ev[-1].item()) / ev[-1].item() < 1e-8

@@ -118,17 +118,6 @@ def load_dataset(name: str, root: Path | None = None) -> Dataset:
     return Dataset(name, **tensors)
 
 
-def prepare_all(names: list[str] | None = None, root: Path | None = None) -> list[str]:
-    """Prepare the named datasets (default: all); return the error messages of those that failed."""
-    failures = []
-    for name in names or list(DATASETS):
-        try:
-            load_dataset(name, root)
-        except DataUnavailable as exc:
-            failures.append(str(exc))
-    return failures
-
-
 def standardize(X_train: torch.Tensor, X_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Centre and scale every pixel by the training set's mean and std (float32 results)."""
     X_train = X_train.to(torch.float64)

@@ -172,10 +172,6 @@ class HessianOperator:
 
         return LinearOperator((self.numel, self.numel), matvec=mv, dtype=np.float64)
 
-    def flat_parameters(self) -> torch.Tensor:
-        """The parameters of the measured copy as one flat vector."""
-        return torch.cat([p.detach().reshape(-1) for p in self.params])
-
     # -- internals ------------------------------------------------------------------------------
     def _chunk_loss(self, i: int, s: int, e: int) -> torch.Tensor:
         self._dropout_state["chunk"] = i

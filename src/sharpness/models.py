@@ -90,11 +90,6 @@ def num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def has_batchnorm(model: nn.Module) -> bool:
-    """Whether the model contains a BatchNorm layer."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
 def has_dropout(model: nn.Module) -> bool:
     """Whether the model contains a dropout layer with p > 0."""
     return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())

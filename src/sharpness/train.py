@@ -30,9 +30,6 @@ from .measure import abridged, between_iterates_record, extra_iterate, lambda_ma
 from .models import build_model, check_arch_name, check_compatible
 from .optim import sam_step, sgd_step
 
-STATUSES = ("done", "max_epochs", "diverged")
-
-
 @dataclass
 class RunConfig:
     """Everything that defines a run (the original options plus ours)."""
