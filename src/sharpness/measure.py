@@ -177,56 +177,42 @@ def cmd_measure(args) -> int:
 
 
 def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
-    import math
+    """One quantity on every subset, aggregated: mean, per-subset values, standard error over subsets."""
     import time
 
-    import numpy as np
-
+    from .findings import mean_se
     from .train import versions
 
     kw = dict(batch_size=common["chunk_size"], mode=common["mode"], dropout=common["dropout"],
               dtype=torch.float64 if args.float64 else None)
-    values, residuals, matvecs, extra = [], [], 0, {}
-    densities = []
-    for X, y in subsets:
-        X, y = X.to(device), y.to(device)
-        if what in ("lambda_max", "lambda_min", "topk"):
-            fn = hessian.bottom_eigenvalues if what == "lambda_min" else hessian.top_eigenvalues
-            spec = fn(model, X, y, k=args.k if what == "topk" else 1, tol=args.tol, seed=args.seed,
-                      progress=not args.quiet, **kw)
-            values.append(spec.eigenvalues if what == "topk" else spec.eigenvalues[0])
-            residuals.append(spec.residuals if what == "topk" else spec.residuals[0])
-            matvecs += spec.matvecs
-            extra.setdefault("converged", True)
-            extra["converged"] = extra["converged"] and spec.converged
-        elif what == "trace":
-            est, se = hessian.hessian_trace(model, X, y, samples=args.samples, seed=args.seed, **kw)
-            values.append(est)
-            residuals.append(se)
-            matvecs += args.samples
-        else:
-            d = hessian.spectral_density(model, X, y, lanczos_steps=args.lanczos_steps, runs=args.runs,
-                                         seed=args.seed, **kw)
-            densities.append(d)
-            matvecs += d.matvecs
-    rec = {"what": what, **common, "tol": args.tol if what in ("lambda_max", "lambda_min", "topk") else None,
-           "matvecs": matvecs, **extra}
-    if what == "topk":
-        arr = np.array(values)
-        rec.update(value=arr.mean(0).tolist(), values=values, residual=np.max(residuals, 0).tolist(), k=args.k,
-                   stderr=(arr.std(0, ddof=1) / math.sqrt(len(values))).tolist() if len(values) > 1 else None)
-    elif what == "density":
-        rec.update(_density_files(densities, args))
+    rec = {"what": what, **common, "tol": args.tol if what in ("lambda_max", "lambda_min", "topk") else None}
+    subsets = [(X.to(device), y.to(device)) for X, y in subsets]
+    if what == "density":
+        densities = [hessian.spectral_density(model, X, y, lanczos_steps=args.lanczos_steps, runs=args.runs,
+                                              seed=args.seed, **kw) for X, y in subsets]
+        rec.update(matvecs=sum(d.matvecs for d in densities), **_density_files(densities, args))
+    elif what == "trace":
+        estimates = [hessian.hessian_trace(model, X, y, samples=args.samples, seed=args.seed, **kw)
+                     for X, y in subsets]
+        values = [est for est, _ in estimates]
+        mean, se = mean_se(values)
+        rec.update(value=mean, values=values, samples=args.samples, matvecs=args.samples * len(subsets),
+                   probe_stderr=[se_ for _, se_ in estimates],
+                   stderr=se if se is not None else estimates[0][1])  # one subset: Hutchinson's own error
     else:
-        arr = np.array(values)
-        rec.update(value=float(arr.mean()), values=[float(v) for v in values],
-                   stderr=float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None)
-        if what == "trace":
-            rec.update(samples=args.samples, probe_stderr=[float(r) for r in residuals],
-                       stderr=float(math.sqrt(sum(r * r for r in residuals)) / len(residuals))
-                       if len(values) == 1 else rec["stderr"])
+        fn = hessian.bottom_eigenvalues if what == "lambda_min" else hessian.top_eigenvalues
+        k = args.k if what == "topk" else 1
+        specs = [fn(model, X, y, k=k, tol=args.tol, seed=args.seed, progress=not args.quiet, **kw)
+                 for X, y in subsets]
+        rec.update(matvecs=sum(sp.matvecs for sp in specs), converged=all(sp.converged for sp in specs))
+        columns = [mean_se([sp.eigenvalues[i] for sp in specs]) for i in range(k)]
+        worst = [max(sp.residuals[i] for sp in specs) for i in range(k)]
+        if what == "topk":
+            rec.update(k=k, value=[m for m, _ in columns], values=[sp.eigenvalues for sp in specs],
+                       stderr=[se for _, se in columns] if len(specs) > 1 else None, residual=worst)
         else:
-            rec["residual"] = float(max(residuals))
+            rec.update(value=columns[0][0], values=[sp.eigenvalues[0] for sp in specs],
+                       stderr=columns[0][1], residual=worst[0])
     rec.update(versions=versions(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     return rec
 
