@@ -86,3 +86,38 @@ def test_eig_freq_leaves_training_bit_identical(workdirs):
     assert all(float(r["lambda_max"]) > 0 and float(r["residual"]) < 1e-3 for r in rows)
     assert sb["two_over_lr"] == pytest.approx(40.0)
     assert not (plain / "eigs.csv").exists()
+
+
+@pytest.mark.parametrize("content", ["{}", "[]", '{"measurements": null}', "{not json"])
+def test_malformed_measurements_file_is_refused_before_measuring(finished, capsys, monkeypatch, content):
+    (finished / "measurements.json").write_text(content)
+    monkeypatch.setattr(hessian, "top_eigenvalues", lambda *a, **k: pytest.fail("measured anyway"))
+    assert cli.main(["measure", str(finished), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "measurements.json" in err
+    assert (finished / "measurements.json").read_text() == content  # left as it was
+
+
+def test_each_quantity_is_kept_when_a_later_one_fails(finished, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ValueError("density exploded")
+
+    monkeypatch.setattr(hessian, "spectral_density", broken)
+    with pytest.raises(ValueError, match="exploded"):  # an unexpected crash (say, out of memory)
+        cli.main(["measure", str(finished), "--what", "lambda_max,density", "--quiet"])
+    recs = json.loads((finished / "measurements.json").read_text())["measurements"]
+    assert [r["what"] for r in recs] == ["lambda_max"]
+
+
+def test_trace_repeats_use_independent_probes(finished):
+    assert cli.main(["measure", str(finished), "--what", "trace", "--repeats", "2", "--abridged_size", "200",
+                     "--samples", "4", "--seed", "7", "--quiet"]) == 0
+    rec = json.loads((finished / "measurements.json").read_text())["measurements"][-1]
+    assert rec["probe_seeds"] == [7, 8]
+    cfg = RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=2)
+    data = load_dataset("digits")
+    model = load_final_model(finished, cfg, data, torch.device("cpu"))
+    for offset, seed in enumerate(rec["probe_seeds"]):
+        X, y = abridged(data, 200, offset)
+        est, _ = hessian.hessian_trace(model, X, y, samples=4, seed=seed, batch_size=100)
+        assert rec["values"][offset] == pytest.approx(est, rel=1e-5)

@@ -162,8 +162,14 @@ def test_kendall_tau_matches_scipy(built):
     rows = [r for r in read_csv(built / "runs.csv") if r["status"] == "done"]
     stats = json.loads((built / "stats.json").read_text())
     taus = {e["group"]: e for e in stats["kendall"]}
-    groups = {"all runs": rows, "batch size 32": [r for r in rows if r["batch_size"] == "32"],
-              "optimizer SGD": [r for r in rows if r["opt"] == "sgd"]}
+    # batch-size and optimizer groups stay inside one setting (here: digits, plain MLP, the test's
+    # acc_goal and abridged_size); the pooled row says that it pools
+    mlp = [r for r in rows if r["arch_id"] == "mlp_p=0"]
+    title = "digits · mlp_p=0 · acc_goal=0.8 · abridged_size=200"
+    groups = {"all runs (pooled across settings)": rows, title: mlp,
+              f"{title} · batch size 32": [r for r in mlp if r["batch_size"] == "32"],
+              f"{title} · optimizer SGD": [r for r in mlp if r["opt"] == "sgd"]}
+    assert not any(name.startswith("batch size") or name.startswith("optimizer") for name in taus)
     for name, g in groups.items():
         lam = [num(r["lambda_max"]) for r in g]
         for y, key in (("test_acc", "test_acc"), ("gap_acc", "gap_acc")):
@@ -172,8 +178,8 @@ def test_kendall_tau_matches_scipy(built):
             assert taus[name]["n"] == len(g)
             assert got["tau"] == pytest.approx(expected.statistic) and got["p_value"] == pytest.approx(expected.pvalue)
     # SAM has 2 runs: too few for a tau, and said so
-    assert "optimizer SAM ρ=0.05" not in taus
-    assert any(n.startswith("optimizer SAM ρ=0.05: 2 run(s)") for n in stats["kendall_skipped"])
+    assert f"{title} · optimizer SAM ρ=0.05" not in taus
+    assert any(n.startswith(f"{title} · optimizer SAM ρ=0.05: 2 run(s)") for n in stats["kendall_skipped"])
 
 
 def test_report_text_tables_and_findings(built):
@@ -315,8 +321,8 @@ def test_cli_does_not_import_plotting_or_pandas():
 
 # -- the findings' rules on hand-made seed means ------------------------------------------------
 
-def cell(lr, bs, lam, acc, arch="mlp_p=0", opt="sgd", acc_se=None):
-    row = RunConfig("digits", arch, bs, lr, opt=opt).identity()
+def cell(lr, bs, lam, acc, arch="mlp_p=0", opt="sgd", acc_se=None, **settings):
+    row = RunConfig("digits", arch, bs, lr, opt=opt, **settings).identity()
     return Cell(findings.panel_key(row), findings.opt_label(row), bs, lr, 1, lam, None, acc, acc_se, 0.05, None)
 
 
@@ -364,3 +370,53 @@ def test_finding_5_rule():
              cell(0.2, 32, 7, 0.80, "vgg11_no_dropout"), cell(0.2, 32, 5, 0.79, "vgg11_bn_no_dropout")]
     assert verdicts(findings.finding_5, pairs) == ["not supported", "not supported"]
     assert verdicts(findings.finding_5, pairs[:2]) == ["not enough runs", "supported"]
+
+
+def test_finding_5_pairs_between_iterates_bn_runs_with_their_twins():
+    """The paper measures BN nets at small learning rates between iterates and their twins at the final
+    iterate: such runs are still pairs, and the numbers say which protocol each λmax comes from."""
+    pairs = [cell(0.005, 100, 8, 0.80, "vgg11_no_dropout"),
+             cell(0.005, 100, 9, 0.85, "vgg11_bn_no_dropout", between_iterates=True),
+             cell(0.1, 100, 7, 0.80, "vgg11_no_dropout"), cell(0.1, 100, 5, 0.83, "vgg11_bn_no_dropout")]
+    parts = findings.finding_5(pairs)
+    assert [p["verdict"] for p in parts] == ["supported", "supported"]
+    assert len(parts[0]["numbers"]) == 2
+    assert "λmax BN 9 (between iterates) vs no BN 8;" in parts[0]["numbers"][0]
+    # an unrelated setting (another abridged_size) is not a twin
+    other = [pairs[0], cell(0.005, 100, 9, 0.85, "vgg11_bn_no_dropout", abridged_size=500)]
+    assert findings.finding_5(other)[0]["numbers"] == []
+
+
+def test_repeated_lambda_max_of_another_protocol_is_not_shown_as_the_mean(sweep, tmp_path):
+    src = run_dir(sweep, "mlp_p=0", 32, 0.1)  # measured with --repeats 2 on subsets of 200, as its λmax
+    d = tmp_path / "run"
+    shutil.copytree(src, d)
+    assert report.read_run(d, tmp_path).row["lambda_max_repeats"] == 2
+    data = json.loads((d / "measurements.json").read_text())
+    for rec in data["measurements"]:
+        rec["mode"] = "eval"
+    (d / "measurements.json").write_text(json.dumps(data))
+    row = report.read_run(d, tmp_path).row
+    assert row["lambda_max_mean"] is None and row["lambda_max_repeats"] == 1
+    assert "another protocol (mode eval vs train)" in row["note"]
+
+
+def test_runs_whose_lambda_settings_differ_from_the_sweep_file_are_remeasure(sweep):
+    d = run_dir(sweep, "mlp_p=0", 32, 0.05)
+    config = {**json.loads((d / "summary.json").read_text())["config"], "abridged_size": 150}
+    row = report.read_run(d, sweep, config).row
+    assert row["status"] == "remeasure" and "abridged_size=200" in row["note"] and "abridged_size=150" in row["note"]
+    assert report.read_run(d, sweep).row["status"] == "done"
+
+
+@pytest.mark.parametrize("damage, field, expected", [
+    ({"lambda_max": 4.2}, "lambda_max", None), ({"final": [1, 2]}, "test_acc", None),
+    ({"status": 3}, "status", "unknown"), ({"epochs": "many", "diverged_at": None}, "epochs", None)])
+def test_structurally_wrong_summary_is_a_note_not_a_crash(sweep, tmp_path, damage, field, expected):
+    d = tmp_path / "run"
+    shutil.copytree(run_dir(sweep, "mlp_p=0", 32, 0.05), d)
+    summary = {**json.loads((d / "summary.json").read_text()), **damage}
+    (d / "summary.json").write_text(json.dumps(summary))
+    row = report.read_run(d, tmp_path).row
+    assert row[field] == expected
+    assert findings.usable(row) == (field == "epochs")  # a damaged epoch count alone does not hide the run

@@ -248,3 +248,16 @@ def test_sigkill_at_random_moments(tmp_path, reference):
     assert proc.returncode == 0, proc.stderr
     assert kills >= 3, "the kills should land while the run is alive"
     assert comparable(tmp_path) == reference
+
+
+def test_file_system_without_flock_is_a_clear_error(workdirs, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert cli.main(["train", *ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "does not support flock" in err and "in use" not in err and len(err.strip().splitlines()) == 1

@@ -131,6 +131,9 @@ BAD = [
     ("[sweep]\nretry = 3\n[grid]\nlr = 0.1\nbatch_size = 32\n", "unknown setting 'retry'"),
     ("[grid]\nlr = 0.1\nbatch_size = 32\narch_id = \"vgg12\"\n", "unknown architecture 'vgg12'"),
     ("[grid\nlr = 0.1\n", "invalid TOML"),
+    ("[sweep]\ncpus_per_run = nan\n[grid]\nlr = 0.1\nbatch_size = 32\n", "[sweep] cpus_per_run: expected"),
+    ("[sweep]\nresults = \"$SHARPNESS_TEST_UNSET/r\"\n[grid]\nlr = 0.1\nbatch_size = 32\n",
+     "environment variable SHARPNESS_TEST_UNSET is not set"),
 ]
 
 
@@ -254,6 +257,11 @@ def test_local_two_workers_identical_to_sequential_train(tmp_path, monkeypatch, 
     assert "nothing to do" in capsys.readouterr().out
     remeasure = write(tmp_path, TINY.replace("abridged_size = 100", "abridged_size = 200") + LOCAL, "m.toml")
     assert states(remeasure) == ["remeasure", "remeasure", "diverged"]
+    # a failed attempt to measure again is shown, not hidden behind the stored result
+    first = sweep.read_sweep(remeasure).runs[0]
+    (first.run_dir / sweep.FAILED).write_text(json.dumps({"error": "out of memory"}))
+    state = sweep.run_state(first)
+    assert state["status"] == "remeasure" and "measuring λmax again failed: out of memory" in state["error"]
 
 
 def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):

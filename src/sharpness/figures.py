@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import results
-from .findings import (MIN_TAU_RUNS, Cell, bn_base, dropout_p, finite, fmt_p, fmt_pct, fmt_tau, group_by, kendall,
-                       opt_label, opt_order, panel_key, panel_title, usable, without)
+from .findings import (MIN_TAU_RUNS, Cell, between, bn_base, bn_setting, bn_twin, dropout_p, finite, fmt_p,
+                       fmt_pct, fmt_tau, group_by, kendall, opt_label, opt_order, panel_key, panel_title, usable,
+                       without)
 
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B")
 MARKERS = ("o", "^", "s", "D", "v", "P", "X")
@@ -381,13 +382,12 @@ def fig_dropout(cv: Canvas, cells: list[Cell]) -> list[Section]:
 def fig_bn(cv: Canvas, cells: list[Cell]) -> list[Section]:
     """Figure 6: with vs without BatchNorm, λmax and test accuracy vs learning rate; colour = batch size."""
     sections = []
-    index = {(without(c.panel, "arch_id"), c.arch, c.opt, c.bs, c.lr) for c in cells}
     bn = [c for c in cells if bn_base(c.arch)]
-    for (panel, arch, opt), group in group_by(bn, lambda c: (without(c.panel, "arch_id"), c.arch, c.opt)).items():
+    for (setting, arch, opt), group in group_by(bn, lambda c: (bn_setting(c.panel), c.arch, c.opt)).items():
         base = bn_base(arch)
-        plain = [c for c in cells if without(c.panel, "arch_id") == panel and c.arch == base and c.opt == opt]
-        title = f"{panel_title(panel)} · {arch} vs {base} · {opt}"
-        if not any((panel, base, opt, c.bs, c.lr) in index for c in group):
+        plain = [c for c in cells if bn_setting(c.panel) == setting and c.arch == base and c.opt == opt]
+        title = f"{panel_title(setting)} · {arch} vs {base} · {opt}"
+        if not any(bn_twin(c, cells) for c in group):
             cv.skip(f"figure 6 (BatchNorm) for {title}: no run of {base} at the same batch size and learning rate")
             continue
         fig, axes = _subplots(1, 2, figsize=(9, 3.6))
@@ -403,7 +403,8 @@ def fig_bn(cv: Canvas, cells: list[Cell]) -> list[Section]:
             _log_axis(ax, "x", [c.lr for c in group + plain], always=True)
             _label(ax, "learning rate η (log scale)", ylabel)
         f = _finish(cv, fig, f"BatchNorm — {title}", f"6_batchnorm-{slug(title)}", axes[:1])
-        cols = [("arch", lambda c: c.arch)] + BASE_COLS[1:] + LAM_ACC_N_COLS
+        cols = ([("arch", lambda c: c.arch)] + BASE_COLS[1:]
+                + [("λmax at", lambda c: "between iterates" if between(c) else "final iterate")] + LAM_ACC_N_COLS)
         sections.append(_cell_section(title, f, group + plain, cols))
     if not bn:
         cv.skip("figure 6 (BatchNorm): no run of a BatchNorm architecture (e.g. vgg11_bn_no_dropout) reached "

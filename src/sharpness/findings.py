@@ -183,13 +183,31 @@ def kendall(x: list[float], y: list[float]) -> tuple[float | None, float | None]
     return (tau if math.isfinite(tau) else None), (p if math.isfinite(p) else None)
 
 
-def kendall_stats(rows: list[dict]) -> tuple[list[dict], list[str]]:
-    """Tau between λmax and test accuracy / the accuracy gap: all runs, per batch size, optimizer, dataset+arch."""
+def kendall_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The groups a tau is computed in: all runs, then each panel, then each panel's batch sizes and optimizers.
+
+    Batch-size and optimizer groups stay inside one panel (one dataset, architecture and λmax
+    protocol): λmax scales differ between settings, so a tau across them would mostly rank settings.
+    """
     use = [r for r in rows if usable(r)]
-    groups = [("all runs", use)]
-    groups += [(f"batch size {bs}", g) for bs, g in sorted(group_by(use, lambda r: int(r["batch_size"])).items())]
-    groups += [(f"optimizer {o}", g) for o, g in sorted(group_by(use, opt_label).items(), key=lambda t: opt_order(t[0]))]
-    groups += [(f"{d} · {a}", g) for (d, a), g in sorted(group_by(use, lambda r: (r["dataset"], r["arch_id"])).items())]
+    panels = sorted(group_by(use, panel_key).items(), key=lambda t: str(t[0]))
+    pooled = "all runs" + (" (pooled across settings)" if len(panels) > 1 else "")
+    groups = [(pooled, use)]
+    for panel, g in panels:
+        title = panel_title(panel)
+        groups.append((title, g))
+        by_bs = sorted(group_by(g, lambda r: int(r["batch_size"])).items())
+        by_opt = sorted(group_by(g, opt_label).items(), key=lambda t: opt_order(t[0]))
+        if len(by_bs) > 1:
+            groups += [(f"{title} · batch size {bs}", sub) for bs, sub in by_bs]
+        if len(by_opt) > 1:
+            groups += [(f"{title} · optimizer {o}", sub) for o, sub in by_opt]
+    return groups
+
+
+def kendall_stats(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """Tau between λmax and test accuracy / the accuracy gap in every group of `kendall_groups`."""
+    groups = kendall_groups(rows)
     entries, notes = [], []
     for name, g in groups:
         if len(g) < MIN_TAU_RUNS:
@@ -334,17 +352,39 @@ def finding_4(cells: list[Cell]) -> list[dict]:
                   "same groups: λmax at the largest p is below λmax at every smaller p", [], _all(lam_checks))]
 
 
+def bn_setting(panel: tuple) -> tuple:
+    """What a BatchNorm run and its no-BN twin share: the panel without the architecture and the λmax
+    protocol (the paper measures BN nets at small learning rates between iterates, their twins not)."""
+    return without(panel, "arch_id", "between_iterates")
+
+
+def between(cell: Cell) -> bool:
+    """Whether the cell's λmax is the between-iterates maximum."""
+    return bool(dict(cell.panel).get("between_iterates"))
+
+
+def _protocol(cell: Cell) -> str:
+    return " (between iterates)" if between(cell) else ""
+
+
+def bn_twin(cell: Cell, cells: list[Cell]) -> Cell | None:
+    """The no-BN cell with the same setting, optimizer, batch size and learning rate (same protocol first)."""
+    base = bn_base(cell.arch)
+    twins = [c for c in cells if base and c.arch == base and c.opt == cell.opt and c.bs == cell.bs
+             and c.lr == cell.lr and bn_setting(c.panel) == bn_setting(cell.panel)]
+    return min(twins, key=lambda c: between(c) != between(cell)) if twins else None
+
+
 def finding_5(cells: list[Cell]) -> list[dict]:
     """BatchNorm does not always lower λmax, yet improves test accuracy."""
     pairs, numbers = [], []
-    plain = {(without(c.panel, "arch_id"), c.arch, c.opt, c.bs, c.lr): c for c in cells}
     for c in cells:
-        base = bn_base(c.arch)
-        other = plain.get((without(c.panel, "arch_id"), base, c.opt, c.bs, c.lr)) if base else None
+        other = bn_twin(c, cells)
         if other is not None:
             pairs.append((c, other))
-            numbers.append(f"{panel_title(c.panel)} vs {base}, {c.opt}, bs {c.bs}, η={c.lr:g}: λmax BN {c.lam:.4g} "
-                           f"vs no BN {other.lam:.4g}; test BN {fmt_pct(c.acc)} vs no BN {fmt_pct(other.acc)}")
+            numbers.append(f"{panel_title(bn_setting(c.panel) + (('arch_id', c.arch),))} vs {other.arch}, "
+                           f"{c.opt}, bs {c.bs}, η={c.lr:g}: λmax BN {c.lam:.4g}{_protocol(c)} vs no BN "
+                           f"{other.lam:.4g}{_protocol(other)}; test BN {fmt_pct(c.acc)} vs no BN {fmt_pct(other.acc)}")
     lam = (NOT_ENOUGH if len(pairs) < 2 else
            SUPPORTED if any(bn.lam >= nobn.lam for bn, nobn in pairs) else NOT_SUPPORTED)
     return [_part("BatchNorm does not consistently lower λmax",

@@ -46,7 +46,7 @@ def lambda_max_record(model: nn.Module, X: torch.Tensor, y: torch.Tensor, cfg: A
             "chunk_size": chunk_size(cfg), "abridged_size": len(y)}
 
 
-def extra_iterate(model: nn.Module, data: Dataset, cfg: Any, device: torch.device) -> dict:
+def extra_iterate(model: nn.Module, data: Dataset, cfg: Any, device: torch.device, autocast=None) -> dict:
     """The state after one more training step from `model` (first minibatch of a fresh shuffle)."""
     twin = copy.deepcopy(model).train()
     gen = torch.Generator().manual_seed(int(cfg.train_seed))
@@ -57,9 +57,9 @@ def extra_iterate(model: nn.Module, data: Dataset, cfg: Any, device: torch.devic
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(int(cfg.train_seed))
         if cfg.opt == "sam":
-            sam_step(twin, optimizer, X, y, int(cfg.physical_batch_size), float(cfg.rho))
+            sam_step(twin, optimizer, X, y, int(cfg.physical_batch_size), float(cfg.rho), autocast)
         else:
-            sgd_step(twin, optimizer, X, y, int(cfg.physical_batch_size))
+            sgd_step(twin, optimizer, X, y, int(cfg.physical_batch_size), autocast)
     return {k: v.detach().clone() for k, v in twin.state_dict().items()}
 
 
@@ -162,18 +162,30 @@ def cmd_measure(args) -> int:
     common = {"mode": mode, "dropout": dropout, "chunk_size": chunk_size(cfg),
               "abridged_size": len(subsets[0][1]), "offsets": list(range(args.repeats)),
               "repeats": args.repeats, "seed": args.seed, "float64": bool(args.float64)}
-    records = []
+    path = run_dir / results.MEASUREMENTS
     with results.RunLock(run_dir):
+        stored = _stored_measurements(path)  # checked before hours of products, not after
         for what in whats:
             rec = _measure_one(what, model, subsets, device, args, common)
-            records.append(rec)
             print(_describe(rec), flush=True)
-        path = run_dir / results.MEASUREMENTS
-        existing = results.read_json(path) if path.exists() else {"measurements": []}
-        existing["measurements"].extend(records)
-        results.atomic_write_json(path, existing)
-    print(f"appended {len(records)} measurement(s) to {run_dir / results.MEASUREMENTS}")
+            stored["measurements"].append(rec)
+            results.atomic_write_json(path, stored)  # each quantity is kept as soon as it is measured
+    print(f"appended {len(whats)} measurement(s) to {path}")
     return 0
+
+
+def _stored_measurements(path) -> dict:
+    """The contents of measurements.json ({"measurements": [...]}, empty when missing); an error if malformed."""
+    from . import results
+    from .errors import SharpnessError
+
+    if not path.exists():
+        return {"measurements": []}
+    stored = results.read_json(path)
+    if not isinstance(stored, dict) or not isinstance(stored.get("measurements"), list):
+        raise SharpnessError(f"{path} is not a measurements file (expected an object with a 'measurements' "
+                             "list); move it away and run again")
+    return stored
 
 
 def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
@@ -192,12 +204,14 @@ def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
                                               seed=args.seed, **kw) for X, y in subsets]
         rec.update(matvecs=sum(d.matvecs for d in densities), **_density_files(densities, args))
     elif what == "trace":
-        estimates = [hessian.hessian_trace(model, X, y, samples=args.samples, seed=args.seed, **kw)
-                     for X, y in subsets]
+        # independent probes per subset: the spread over subsets then holds the probes' noise too
+        seeds = [args.seed + offset for offset in common["offsets"]]
+        estimates = [hessian.hessian_trace(model, X, y, samples=args.samples, seed=seed, **kw)
+                     for (X, y), seed in zip(subsets, seeds)]
         values = [est for est, _ in estimates]
         mean, se = mean_se(values)
         rec.update(value=mean, values=values, samples=args.samples, matvecs=args.samples * len(subsets),
-                   probe_stderr=[se_ for _, se_ in estimates],
+                   probe_seeds=seeds, probe_stderr=[se_ for _, se_ in estimates],
                    stderr=se if se is not None else estimates[0][1])  # one subset: Hutchinson's own error
     else:
         fn = hessian.bottom_eigenvalues if what == "lambda_min" else hessian.top_eigenvalues

@@ -37,6 +37,7 @@ LEFT_OUT_REASON = {
     "failed": "failed",
     "unreadable": "summary.json unreadable",
     "pending": "not started",
+    "remeasure": "λmax measured under other settings than the sweep file's",
 }
 
 
@@ -93,7 +94,11 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
     if summary is not None:
         _fill_config(row, summary.get("config"))
         _fill_summary(row, summary, notes)
-        _fill_measurements(row, run_dir, notes)
+        _fill_measurements(row, run_dir, _obj(summary.get("lambda_max")), notes)
+        _check_sweep_settings(row, _obj(summary.get("config")), config, notes)
+        if (run_dir / FAILURE).exists():  # a sweep removes it when the run succeeds: a later attempt failed
+            failure = _read_dict(run_dir / FAILURE, notes) or {}
+            notes.append(f"the sweep's last attempt failed: {failure.get('error') or 'no error message recorded'}")
     else:
         failure = _read_dict(run_dir / FAILURE, notes)
         state = _read_checkpoint(run_dir, notes)
@@ -188,17 +193,32 @@ def _fill_config(row: dict, config: Any) -> None:
             row[k] = config.get(k)
 
 
+def _check_sweep_settings(row: dict, stored: dict, config: dict | None, notes: list[str]) -> None:
+    """A finished run whose λmax settings differ from what the sweep file asks is 'remeasure'."""
+    from .train import MEASUREMENT_FIELDS
+
+    if config is None or row["status"] == "diverged":
+        return
+    diff = [k for k in MEASUREMENT_FIELDS if stored.get(k) != config.get(k)]
+    if diff:
+        row["status"] = "remeasure"
+        notes.append("λmax was measured with " + ", ".join(f"{k}={stored.get(k)}" for k in diff)
+                     + "; the sweep file asks " + ", ".join(f"{k}={config.get(k)}" for k in diff)
+                     + ": run the sweep again to measure it again")
+
+
 def _fill_summary(row: dict, summary: dict, notes: list[str]) -> None:
-    row["status"] = summary.get("status") or "unknown"
-    row["epochs"], row["steps"] = summary.get("epochs"), summary.get("steps")
-    final = summary.get("final") or {}
+    status = summary.get("status")
+    row["status"] = status if isinstance(status, str) and status else "unknown"
+    row["epochs"], row["steps"] = (_integer(summary.get(k)) for k in ("epochs", "steps"))
+    final = _obj(summary.get("final"))
     for k in results.METRIC_NAMES:
         row[k] = _number(final.get(k))
     if row["train_acc"] is not None and row["test_acc"] is not None:
         row["gap_acc"] = row["train_acc"] - row["test_acc"]
     if row["train_loss"] is not None and row["test_loss"] is not None:
         row["gap_loss"] = row["test_loss"] - row["train_loss"]
-    lam = summary.get("lambda_max") or {}
+    lam = _obj(summary.get("lambda_max"))
     row["lambda_max"] = _number(lam.get("value"))
     row["lambda_max_residual"] = _number(lam.get("residual"))
     row["lambda_max_converged"] = lam.get("converged")
@@ -206,7 +226,7 @@ def _fill_summary(row: dict, summary: dict, notes: list[str]) -> None:
     row["two_over_lr"] = _number(summary.get("two_over_lr"))
     row["wall_time_s"] = _number(summary.get("wall_time_s"))
     if row["status"] == "diverged":
-        at = summary.get("diverged_at") or {}
+        at = _obj(summary.get("diverged_at"))
         notes.append(f"diverged at epoch {at.get('epoch')}, step {at.get('step')}")
     elif row["status"] == "max_epochs":
         notes.append(f"stopped at max_epochs={row['max_epochs']} before train accuracy reached {row['acc_goal']}")
@@ -214,17 +234,40 @@ def _fill_summary(row: dict, summary: dict, notes: list[str]) -> None:
         notes.append("λmax did not reach its residual tolerance")
 
 
-def _fill_measurements(row: dict, run_dir: Path, notes: list[str]) -> None:
+PROTOCOL_KEYS = ("mode", "dropout", "abridged_size")  # what a repeated λmax must share with the run's λmax
+
+
+def _fill_measurements(row: dict, run_dir: Path, lam: dict, notes: list[str]) -> None:
     data = _read_dict(run_dir / results.MEASUREMENTS, notes)
-    records = [r for r in (data or {}).get("measurements", []) if isinstance(r, dict)]
-    repeated = [r for r in records if r.get("what") == "lambda_max" and (r.get("repeats") or 1) > 1]
-    if repeated:
+    records = data.get("measurements") if data is not None else []
+    records = [r for r in records if isinstance(r, dict)] if isinstance(records, list) else []
+    repeated = [r for r in records if r.get("what") == "lambda_max" and _number(r.get("repeats")) is not None
+                and r["repeats"] > 1]
+    # a mean over subsets stands next to lambda_max only when it measures the same quantity
+    same = [r for r in repeated if not lam.get("between_iterates")
+            and all(r.get(k) == lam.get(k) for k in PROTOCOL_KEYS)]
+    if repeated and not same:
         r = repeated[-1]
+        why = ("the run's λmax is the between-iterates maximum" if lam.get("between_iterates") else
+               ", ".join(f"{k} {r.get(k)} vs {lam.get(k)}" for k in PROTOCOL_KEYS if r.get(k) != lam.get(k)))
+        notes.append(f"a repeated λmax in {results.MEASUREMENTS} uses another protocol ({why}): "
+                     "not in lambda_max_mean")
+    if same:
+        r = same[-1]
         row["lambda_max_repeats"] = r.get("repeats")
         row["lambda_max_mean"], row["lambda_max_stderr"] = _number(r.get("value")), _number(r.get("stderr"))
     traces = [r for r in records if r.get("what") == "trace"]
     if traces:
         row["trace"], row["trace_stderr"] = _number(traces[-1].get("value")), _number(traces[-1].get("stderr"))
+
+
+def _integer(x: Any) -> int | None:
+    return x if isinstance(x, int) and not isinstance(x, bool) else None
+
+
+def _obj(x: Any) -> dict:
+    """x when it is a JSON object, else an empty one (a damaged file must not raise)."""
+    return x if isinstance(x, dict) else {}
 
 
 def _number(x: Any) -> float | None:
@@ -291,7 +334,9 @@ def render(source: str, runs: list[Run], left_out: list[dict], skipped: list[str
         out += ["## Figures not drawn", ""] + [f"- {s}" for s in skipped] + [""]
     out += ["## Kendall's τ between λmax and generalization", "",
             "Kendall's tau-b with its two-sided p-value (scipy.stats.kendalltau) over individual runs "
-            "(not seed means). 'all runs' pools every dataset and architecture: read the per-group rows.", ""]
+            "(not seed means): all runs, then each setting (dataset, architecture, λmax protocol), and "
+            "within a setting each batch size and each optimizer. Only the first row pools settings whose "
+            "λmax scales may differ: read the per-setting rows.", ""]
     out.append(md_table(["runs", "n", "τ(λmax, test acc)", "p", "τ(λmax, train − test acc)", "p"],
                         [[e["group"], str(e["n"]), fmt_tau(e["lambda_max_vs_test_acc"]["tau"]),
                           fmt_p(e["lambda_max_vs_test_acc"]["p_value"]), fmt_tau(e["lambda_max_vs_gap_acc"]["tau"]),

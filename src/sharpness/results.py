@@ -211,7 +211,12 @@ class RunLock:
             raise SharpnessError(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                os.close(self.fd)
+                self.fd = None
+                raise SharpnessError(f"cannot lock {self.path}: {exc.strerror or exc} (the file system does "
+                                     "not support flock; on Lustre mount it with -o flock)") from None
             holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self.fd)
             self.fd = None

@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import errno
 import math
 import os
+import re
 import time
 from collections import Counter
 from dataclasses import MISSING, dataclass, field
@@ -130,7 +132,7 @@ def read_sweep(config_path) -> Sweep:
     if "runs" in doc and not (isinstance(doc["runs"], list) and all(isinstance(t, dict) for t in doc["runs"])):
         fail("runs must be an array of tables ([[runs]])")
     settings = _read_settings(doc.get("sweep", {}), fail)
-    sweep = Sweep(path.resolve(), _results_root(settings, path), settings)
+    sweep = Sweep(path.resolve(), _results_root(settings, path, fail), settings)
     fixed = {k: _coerce(k, v, "[fixed]", fail) for k, v in doc.get("fixed", {}).items()}
     blocks = ([("[grid]", doc["grid"])] if "grid" in doc else []) + \
              [(f"[[runs]] #{i + 1}", t) for i, t in enumerate(doc.get("runs", []))]
@@ -196,16 +198,22 @@ def _read_settings(table: dict, fail) -> Settings:
             fail(f"[sweep]: unknown setting {key!r}; settings: {', '.join(SETTING_CHECKS)}")
         types, low, want = SETTING_CHECKS[key]
         bad = not isinstance(value, types) or (bool not in types and isinstance(value, bool))
+        if not bad and isinstance(value, float) and not math.isfinite(value):
+            bad = True
         if bad or (low is not None and (value < low or (key == "cpus_per_run" and value <= 0))):
             fail(f"[sweep] {key}: expected {want}, got {value!r}")
         setattr(settings, key, value)
     return settings
 
 
-def _results_root(settings: Settings, path: Path) -> Path:
+def _results_root(settings: Settings, path: Path, fail) -> Path:
     """[sweep] results (relative to the sweep file), else $RESULTS, else ./results; absolute."""
     if settings.results:
-        root = Path(os.path.expandvars(settings.results)).expanduser()
+        expanded = os.path.expandvars(settings.results)
+        unset = re.search(r"\$\{?(\w+)", expanded)
+        if unset:
+            fail(f"[sweep] results = {settings.results!r}: environment variable {unset.group(1)} is not set")
+        root = Path(expanded).expanduser()
         root = root if root.is_absolute() else path.parent / root
     else:
         root = results.results_root().expanduser()
@@ -319,8 +327,8 @@ def lock_held(run_dir: Path) -> bool:
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # else no flock: nobody can hold it
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return False
@@ -338,15 +346,18 @@ def run_state(run: SweepRun) -> dict:
     state = {"run_dir": str(d), "status": "pending", "epochs": None, "test_acc": None,
              "lambda_max": None, "error": None, "holder": None}
     if summary is not None:
-        stored = summary.get("config") or {}
+        stored, final, lam = (summary.get(k) if isinstance(summary.get(k), dict) else {}
+                              for k in ("config", "final", "lambda_max"))
         stale = summary.get("status") != "diverged" and any(
             stored.get(k) != getattr(run.cfg, k) for k in MEASUREMENT_FIELDS)
-        state.update(status=summary.get("status"), epochs=summary.get("epochs"),
-                     test_acc=(summary.get("final") or {}).get("test_acc"),
-                     lambda_max=(summary.get("lambda_max") or {}).get("value"))
+        state.update(status=str(summary.get("status")), epochs=_number(summary.get("epochs")),
+                     test_acc=_number(final.get("test_acc")), lambda_max=_number(lam.get("value")))
         if not stale:
             return state
         state["status"] = "remeasure"
+        failure = _read_failure(d)  # removed when a run succeeds: the last attempt to measure again failed
+        if failure is not None:
+            state["error"] = f"measuring λmax again failed: {failure.get('error')}"
     else:
         rows = _metric_rows(d)
         if rows:
@@ -383,11 +394,17 @@ def _float(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _number(x):
+    """x when it is a JSON number (not a bool), else None."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
 def _read_failure(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / FAILED).read_text())
+        failure = json.loads((run_dir / FAILED).read_text())
     except (OSError, ValueError):
         return None
+    return failure if isinstance(failure, dict) else {"error": "failure.json is damaged"}
 
 
 def status_table(sweep: Sweep, states: list[dict]) -> str:

@@ -302,7 +302,8 @@ def measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, p
         if extra_path.exists():
             extra = results.safe_torch_load(extra_path, map_location=device)
         else:
-            extra = extra_iterate(model, data, cfg, device)
+            with _numerics(cfg):  # the extra step is a training step: the run's TF32 and bf16 settings
+                extra = extra_iterate(model, data, cfg, device, autocast=_autocast(cfg, device))
             results.atomic_torch_save({k: v.cpu() for k, v in extra.items()}, extra_path)
         return between_iterates_record(model, extra, X, y, cfg, progress=progress)
     return {**lambda_max_record(model, X, y, cfg, progress=progress), "between_iterates": False}
@@ -493,7 +494,7 @@ class Trainer:
             self.perm, self.batch = torch.randperm(n, generator=self.shuffle), 0
         perm = self.perm.to(self.device)
         batches = math.ceil(n / cfg.batch_size)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if cfg.bf16 else None)
+        autocast = _autocast(cfg, self.device)
         check_every = 1 if self.device.type == "cpu" else 20
         self.model.train()
         while self.batch < batches:
@@ -585,6 +586,11 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _autocast(cfg: RunConfig, device: torch.device):
+    """bf16 autocast for training steps when the run asks for it, else None."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else None
 
 
 @contextlib.contextmanager
