@@ -420,3 +420,14 @@ def test_structurally_wrong_summary_is_a_note_not_a_crash(sweep, tmp_path, damag
     row = report.read_run(d, tmp_path).row
     assert row[field] == expected
     assert findings.usable(row) == (field == "epochs")  # a damaged epoch count alone does not hide the run
+
+
+def test_physical_batch_size_separates_panels_only_for_batchnorm_nets():
+    def key(arch, physical):
+        return findings.panel_key(RunConfig("digits", arch, 1000, 0.1, physical_batch_size=physical).identity())
+
+    assert key("mlp_p=0", 500) == key("mlp_p=0", 1000)  # accumulation over chunks: the same steps
+    assert key("vgg11_bn_no_dropout", 500) != key("vgg11_bn_no_dropout", 1000)  # the BN batch differs
+    bn, plain = (cell(0.1, 1000, lam, acc, arch, physical_batch_size=500)
+                 for arch, lam, acc in (("vgg11_bn_no_dropout", 9, 0.85), ("vgg11_no_dropout", 8, 0.8)))
+    assert findings.bn_twin(bn, [bn, plain]) is plain

@@ -58,8 +58,13 @@ def opt_order(label: str) -> tuple:
 
 
 def panel_key(row: dict) -> tuple:
-    """The settings a figure panel holds fixed (see PANEL_KEYS)."""
-    return tuple((k, row[k]) for k in PANEL_KEYS)
+    """The settings a figure panel holds fixed (see PANEL_KEYS).
+
+    physical_batch_size counts only for BatchNorm nets (it is their batch-statistics batch); without
+    BatchNorm, gradient accumulation over chunks gives the same step, so full-batch GD run in chunks
+    shares a panel with SGD.
+    """
+    return tuple((k, row[k]) for k in PANEL_KEYS if k != "physical_batch_size" or bn_base(row["arch_id"]))
 
 
 def without(panel: tuple, *names: str) -> tuple:
@@ -353,9 +358,10 @@ def finding_4(cells: list[Cell]) -> list[dict]:
 
 
 def bn_setting(panel: tuple) -> tuple:
-    """What a BatchNorm run and its no-BN twin share: the panel without the architecture and the λmax
-    protocol (the paper measures BN nets at small learning rates between iterates, their twins not)."""
-    return without(panel, "arch_id", "between_iterates")
+    """What a BatchNorm run and its no-BN twin share: the panel without the architecture, the λmax
+    protocol (the paper measures BN nets at small learning rates between iterates, their twins not)
+    and the physical batch size (which only the BN net's panel holds)."""
+    return without(panel, "arch_id", "between_iterates", "physical_batch_size")
 
 
 def between(cell: Cell) -> bool:
