@@ -226,6 +226,9 @@ def test_thick_restart_reaches_tolerance(dense):
     (dict(k=0), "k must be"),
     (dict(tol=0.0), "tol must be"),
     (dict(tol=-1.0), "tol must be"),
+    (dict(tol=1.0), "tol must be"),
+    (dict(tol=math.inf), "tol must be"),
+    (dict(tol=math.nan), "tol must be"),
     (dict(batch_size=0), "batch_size"),
     (dict(mode="bogus"), "mode"),
     (dict(dropout="random"), "dropout"),
@@ -334,3 +337,16 @@ def test_scipy_linear_operator_view(dense):
     op = H.HessianOperator(model, X, y, batch_size=chunk, dtype=F64)
     top = eigsh(op.as_linear_operator(), k=1, which="LA", return_eigenvectors=False)[0]
     assert abs(top - ev[-1].item()) / ev[-1].item() < 1e-8
+
+
+def test_non_finite_products_are_an_error_not_a_value(monkeypatch):
+    """Products that overflow (NaN or inf) must raise, never end as an eigenvalue or a density."""
+    for bad in (math.nan, math.inf):
+        with pytest.raises(H.NonFiniteError, match="not finite"):
+            H.lanczos(lambda v: torch.full_like(v, bad), 6, dtype=F64)
+    X, y = data(10, (12,), 4)
+    monkeypatch.setattr(H.HessianOperator, "matvec", lambda self, v: torch.full_like(v, math.inf))
+    with pytest.raises(H.NonFiniteError):
+        H.lambda_max(mlp(), X, y, batch_size=5)
+    with pytest.raises(H.NonFiniteError):
+        H.spectral_density(mlp(), X, y, batch_size=5, lanczos_steps=4)

@@ -57,6 +57,9 @@ def test_measure_everything(finished, capsys):
     (["--what", "bogus"], "unknown --what"),
     (["--k", "0"], "--k must be"),
     (["--tol", "0"], "--tol must be"),
+    (["--tol", "inf"], "--tol must be"),
+    (["--tol", "1"], "--tol must be"),
+    (["--seed", "-3"], "--seed must be"),
     (["--repeats", "6"], "--abridged_size"),
 ])
 def test_measure_bad_input(finished, capsys, extra, fragment):

@@ -261,3 +261,30 @@ def test_file_system_without_flock_is_a_clear_error(workdirs, monkeypatch, capsy
     assert cli.main(["train", *ARGS]) == 2
     err = capsys.readouterr().err
     assert "does not support flock" in err and "in use" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_newest_checkpoint_stays_in_place_while_the_next_one_is_swapped_in(tmp_path, monkeypatch):
+    """A crash between keeping the previous checkpoint and renaming the new one in must leave a
+    complete `checkpoint` under its own name (the temporary is deleted on restart)."""
+    trainer = train.Trainer.__new__(train.Trainer)  # only what save_checkpoint uses
+    trainer.run_dir = tmp_path
+    trainer.checkpoint_state = lambda: {"format": 1, "epoch": 1}
+    train.Trainer.save_checkpoint(trainer)
+    first = (tmp_path / results.CHECKPOINT).read_bytes()
+    trainer.checkpoint_state = lambda: {"format": 1, "epoch": 2}
+    real_replace = Path.replace
+
+    def crash_on_swap(self, target):
+        if self.name.startswith(".checkpoint.next"):
+            raise OSError(errno.EIO, "simulated crash")
+        return real_replace(self, target)
+
+    monkeypatch.setattr(Path, "replace", crash_on_swap)
+    with pytest.raises(Exception, match="simulated crash"):
+        train.Trainer.save_checkpoint(trainer)
+    assert (tmp_path / results.CHECKPOINT).read_bytes() == first
+    assert (tmp_path / results.CHECKPOINT_PREV).read_bytes() == first
+    monkeypatch.setattr(Path, "replace", real_replace)
+    train.Trainer.save_checkpoint(trainer)  # the next save goes through: newest and previous
+    assert results.safe_torch_load(tmp_path / results.CHECKPOINT)["epoch"] == 2
+    assert results.safe_torch_load(tmp_path / results.CHECKPOINT_PREV)["epoch"] == 1

@@ -119,6 +119,18 @@ def test_diverged_status(workdirs, capsys):
     assert cli.main(["eval", "digits", "mlp_p=0", "32", "1e4", "--max_epochs", "5"]) == 2
 
 
+def test_diverging_run_with_eig_freq_ends_as_diverged(workdirs, capsys):
+    """λmax every step while the weights blow up: the curvature overflows before the loss does."""
+    assert cli.main(["train", "digits", "mlp_p=0", "32", "1e4", "--max_epochs", "2", "--eig_freq", "1",
+                     "--quiet"]) == 0
+    s = _summary(workdirs, "digits", "mlp_p=0", 32, 1e4, max_epochs=2, eig_freq=1)
+    assert s["status"] == "diverged" and s["lambda_max"] is None
+    d = run_dir(workdirs, "digits", "mlp_p=0", 32, 1e4, max_epochs=2, eig_freq=1)
+    rows = list(csv.DictReader(open(d / "eigs.csv")))
+    assert float(rows[0]["lambda_max"]) > 0 and len(rows) <= s["diverged_at"]["step"] + 1
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_between_iterates(workdirs):
     args = ["digits", "mlp_p=0", "100", "0.05", "--quiet", "--between_iterates", "--max_epochs", "2"]
     assert cli.main(["train", *args]) == 0
@@ -135,6 +147,8 @@ def test_between_iterates(workdirs):
     plain = json.loads((d / "summary.json").read_text())["lambda_max"]
     assert plain["between_iterates"] is False
     assert plain["value"] == pytest.approx(lam["between_values"][0], rel=1e-4)
+    # the eight values of the earlier protocol do not stay next to the new λmax
+    assert not (d / "leading_eigenvalues" / "leading_eigenvalue_between_iterates").exists()
 
 
 def test_eval_mode_measurement_with_disable_dropout(workdirs):
@@ -167,6 +181,8 @@ def _err(capsys, code, argv):
     (["train", "digits", "mlp_p=0", "32", "0.1", "--disable_dropout=maybe"], "True or False"),
     (["train", "digits", "vgg11_no_dropout", "32", "0.1", "--device", "cuda:7"], "device"),
     (["eval", "digits", "mlp_p=0", "32", "0.123"], "no run at"),
+    (["train", "digits", "mlp_p=0", "32", "0.1", "--network_seed", "99999999999999999999"], "network_seed must be"),
+    (["train", "digits", "mlp_p=0", "32", "0.1", "--train_seed", "-1"], "train_seed must be"),
 ])
 def test_bad_input_one_line_exit_2(workdirs, capsys, argv, fragment):
     if "cuda" in " ".join(argv) and torch.cuda.is_available() and torch.cuda.device_count() > 7:
@@ -199,3 +215,14 @@ def test_scripts_report_errors_without_traceback(tmp_path):
     assert proc.stderr.strip() == "error: lr must be a positive finite number, got -1.0"
     proc = run_script("eval.py", ["digits", "mlp_p=0", "32", "0.5"], {"RESULTS": str(tmp_path)}, check=False)
     assert proc.returncode == 2 and "no run at" in proc.stderr
+
+
+def test_unexpected_os_error_is_one_line(capsys, monkeypatch):
+    """A folder this user may not read (root runs the tests, so the error is injected)."""
+    def denied(args):
+        raise PermissionError(13, "Permission denied", "/srv/results/run")
+
+    args = cli.build_parser().parse_args(["train", "digits", "mlp_p=0", "32", "0.1"])
+    args.func = denied
+    assert cli.dispatch(args) == 2
+    assert capsys.readouterr().err == "error: Permission denied: /srv/results/run\n"

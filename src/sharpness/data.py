@@ -147,8 +147,8 @@ def _write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
     try:
         atomic_torch_save(tensors, path)
-    except OSError:
-        pass  # an unwritable cache only costs time on the next load
+    except (OSError, SharpnessError):
+        pass  # an unwritable cache (a read-only $DATASETS) only costs time on the next load
 
 
 def _prepare_source(source: str, root: Path) -> dict[str, torch.Tensor]:

@@ -373,18 +373,25 @@ def _random_unit(n: int, gen: torch.Generator, device, dtype) -> torch.Tensor:
     return v / v.norm()
 
 
+class NonFiniteError(ValueError):
+    """A Hessian-vector product with NaN or infinite entries."""
+
+
 def _orthogonal_step(basis: _Basis, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float]:
     """Orthogonalize w against the basis; coefficients and norm reach the host in one transfer."""
     w, c = basis.orthogonalize(w)
     host = torch.cat([c, w.norm().reshape(1)]).double().cpu().numpy()
+    if not np.isfinite(host).all():  # NaN or inf anywhere in w reaches these numbers
+        raise NonFiniteError("a Hessian-vector product is not finite (NaN or inf): the loss surface "
+                             "overflows at these parameters")
     return w, host[:-1], float(host[-1])
 
 
 def _check_k_tol(k: int, tol: float) -> None:
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol}")
+    if not 0 < tol < 1:  # a relative residual of 1 or more accepts any start vector
+        raise ValueError(f"tol must be > 0 and < 1, got {tol}")
 
 
 def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,

@@ -121,7 +121,7 @@ def cmd_measure(args) -> int:
     from . import results
     from .data import load_dataset
     from .errors import SharpnessError
-    from .train import RunConfig, load_final_model, resolve_device
+    from .train import RunConfig, check_seed, load_final_model, resolve_device
 
     whats = [w.strip() for w in args.what.split(",") if w.strip()]
     bad = [w for w in whats if w not in WHATS]
@@ -131,8 +131,9 @@ def cmd_measure(args) -> int:
                              ("lanczos_steps", args.lanczos_steps, 1), ("runs", args.runs, 1)):
         if value < low:
             raise SharpnessError(f"--{name} must be >= {low}, got {value}")
-    if not args.tol > 0:
-        raise SharpnessError(f"--tol must be > 0, got {args.tol}")
+    check_seed("--seed", args.seed)
+    if not 0 < args.tol < 1:
+        raise SharpnessError(f"--tol must be > 0 and < 1 (a relative residual), got {args.tol}")
     run_dir = Path(args.run_dir)
     summary = results.read_summary(run_dir)
     if summary is None:
@@ -166,7 +167,10 @@ def cmd_measure(args) -> int:
     with results.RunLock(run_dir):
         stored = _stored_measurements(path)  # checked before hours of products, not after
         for what in whats:
-            rec = _measure_one(what, model, subsets, device, args, common)
+            try:
+                rec = _measure_one(what, model, subsets, device, args, common)
+            except hessian.NonFiniteError as exc:
+                raise SharpnessError(f"{what} of {run_dir} cannot be measured: {exc}") from None
             print(_describe(rec), flush=True)
             stored["measurements"].append(rec)
             results.atomic_write_json(path, stored)  # each quantity is kept as soon as it is measured

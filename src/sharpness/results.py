@@ -73,7 +73,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp_name, path)
         tmp_name = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise SharpnessError(f"cannot write {path}: {exc.strerror or exc}"
                              + (" (disk full)" if exc.errno == errno.ENOSPC else "")) from None
@@ -94,7 +94,8 @@ def remove_stale_temporaries(directory: Path) -> None:
             pass
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make renames in `directory` durable (fsync of the directory; a no-op where unsupported)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

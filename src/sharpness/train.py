@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import platform
 import shutil
 import signal
@@ -22,10 +23,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import __version__, results
 from .data import Dataset, check_dataset_name, load_dataset
 from .errors import SharpnessError
+from .hessian import NonFiniteError
 from .measure import abridged, between_iterates_record, extra_iterate, lambda_max_record
 from .models import build_model, check_arch_name, check_compatible
 from .optim import sam_step, sgd_step
@@ -74,6 +77,8 @@ class RunConfig:
             raise SharpnessError(f"max_epochs must be >= 1, got {self.max_epochs}")
         if self.eig_freq < 0:
             raise SharpnessError(f"eig_freq must be >= 0 (0 = off), got {self.eig_freq}")
+        for name in ("network_seed", "train_seed"):
+            check_seed(name, getattr(self, name))
         if self.batch_size > self.physical_batch_size and self.batch_size % self.physical_batch_size:
             raise SharpnessError(
                 f"batch_size {self.batch_size} is larger than physical_batch_size "
@@ -111,6 +116,12 @@ class RunOptions:
 
 MEASUREMENT_FIELDS = ("abridged_size", "disable_dropout", "between_iterates")
 NOT_TRAINING_FIELDS = MEASUREMENT_FIELDS + ("save_freq",)  # may change when a run resumes
+
+
+def check_seed(name: str, value: int) -> None:
+    """Seeds are integers in [0, 2**63) (what torch's generators take)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
+        raise SharpnessError(f"{name} must be an integer in [0, 2**63), got {value}")
 
 
 def _positive_finite(name: str, value: float) -> None:
@@ -295,6 +306,13 @@ def load_final_model(run_dir: Path, cfg: RunConfig, data: Dataset, device) -> to
 
 def measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, progress: bool) -> dict:
     """λmax of the final network by the paper's protocol (between iterates when asked)."""
+    try:
+        return _measure_final(model, run_dir, cfg, data, device, progress)
+    except NonFiniteError as exc:
+        raise SharpnessError(f"λmax of the final network in {run_dir} cannot be measured: {exc}") from None
+
+
+def _measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, progress: bool) -> dict:
     X, y = abridged(data, cfg.abridged_size)
     X, y = X.to(device), y.to(device)
     if cfg.between_iterates:
@@ -314,9 +332,11 @@ def write_lambda_files(run_dir: Path, record: dict) -> None:
     out = run_dir / "leading_eigenvalues"
     results.atomic_torch_save(torch.tensor([record["value"]], dtype=torch.float64),
                               out / "leading_eigenvalue_final")
+    between = out / "leading_eigenvalue_between_iterates"
     if record.get("between_iterates"):
-        results.atomic_torch_save(torch.tensor(record["between_values"], dtype=torch.float64),
-                                  out / "leading_eigenvalue_between_iterates")
+        results.atomic_torch_save(torch.tensor(record["between_values"], dtype=torch.float64), between)
+    else:  # measured again without the flag: the old eight values no longer belong to this λmax
+        between.unlink(missing_ok=True)
 
 
 def evaluate_run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None) -> dict:
@@ -337,8 +357,8 @@ def evaluate_run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | No
     data = load_dataset(cfg.dataset)
     cfg.check_data(data)
     model = load_final_model(run_dir, cfg, data, device)
-    _, test_acc = evaluate(model, data.X_test.to(device), data.y_test.to(device), cfg.physical_batch_size)
-    with _numerics(cfg):
+    with _numerics(cfg):  # the same TF32 setting as the metrics computed in training
+        _, test_acc = evaluate(model, data.X_test.to(device), data.y_test.to(device), cfg.physical_batch_size)
         lam = measure_final(model, run_dir, cfg, data, device, progress=not opts.quiet)
     return {"test_acc": test_acc, "lambda_max": lam, "run_dir": str(run_dir)}
 
@@ -368,7 +388,8 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
         """Everything needed to continue exactly where the run is."""
-        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None
+        # the training device's generator only: a resume may see fewer (or other) GPUs
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"format": 1, "config": self.cfg.identity(), "epoch": self.epoch, "batch": self.batch,
                 "step": self.step, "perm": self.perm, "history": self.history, "eigs": self.eigs,
                 "wall": self.wall, "model": self.model.state_dict(),
@@ -385,8 +406,9 @@ class Trainer:
         results.atomic_write_bytes(tmp, buf.getvalue())
         try:
             if path.exists():
-                path.replace(prev)
+                _keep_previous(path, prev)
             tmp.replace(path)
+            results.fsync_dir(self.run_dir)
         except OSError as exc:
             raise SharpnessError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -426,8 +448,11 @@ class Trainer:
         self.perm, self.history, self.eigs = state["perm"], state["history"], state["eigs"]
         self.wall = state["wall"]
         torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        cuda = state["rng"]["cuda"]
+        if cuda is not None and self.device.type == "cuda":
+            if isinstance(cuda, (list, tuple)):  # older checkpoints: every visible GPU's state
+                cuda = cuda[min(self.device.index or 0, len(cuda) - 1)]
+            torch.cuda.set_rng_state(cuda, self.device)
         self.shuffle.set_state(state["rng"]["shuffle"])
 
     # -- per-epoch files ------------------------------------------------------------------------
@@ -495,7 +520,11 @@ class Trainer:
         perm = self.perm.to(self.device)
         batches = math.ceil(n / cfg.batch_size)
         autocast = _autocast(cfg, self.device)
+        # on a GPU the host looks at the loss every 20 steps (a look waits for the GPU); the first
+        # non-finite step and its loss are tracked on the device in between, without waiting
         check_every = 1 if self.device.type == "cpu" else 20
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
+        bad_loss = torch.zeros((), device=self.device)
         self.model.train()
         while self.batch < batches:
             if stop.signal is not None:
@@ -506,6 +535,8 @@ class Trainer:
                                   f"checkpoint saved in {self.run_dir}; run the same command to resume",
                                   stop.signal)
             if cfg.eig_freq and self.step % cfg.eig_freq == 0:
+                if not _finite_parameters(self.model):
+                    return self._diverged("the parameters became non-finite", math.nan)
                 self.record_eig()
             idx = perm[self.batch * cfg.batch_size:(self.batch + 1) * cfg.batch_size]
             X, y = d.X_train[idx], d.y_train[idx]
@@ -518,19 +549,37 @@ class Trainer:
                 loss = sgd_step(self.forward_model, self.optimizer, X, y, cfg.physical_batch_size, autocast)
             self.step += 1
             self.batch += 1
-            if (self.step % check_every == 0 or self.batch == batches) and not torch.isfinite(loss):
-                self.diverged_at = {"epoch": self.epoch, "step": self.step, "loss": float(loss)}
-                self.log(f"the training loss became {float(loss)} at epoch {self.epoch}, step "
-                         f"{self.step}: the run diverged (try a smaller learning rate)")
-                return "diverged"
+            if check_every == 1:
+                if not torch.isfinite(loss):
+                    return self._diverged(f"the training loss became {float(loss)}", float(loss))
+                continue
+            new_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
+            first_bad = torch.where(new_bad, first_bad.new_full((), self.step), first_bad)
+            bad_loss = torch.where(new_bad, loss.detach().float(), bad_loss)
+            if (self.step % check_every == 0 or self.batch == batches) and int(first_bad) >= 0:
+                return self._diverged(f"the training loss became {float(bad_loss)}", float(bad_loss),
+                                      step=int(first_bad))
+        if not _finite_parameters(self.model):  # a finite loss, then an update that overflowed
+            return self._diverged("the parameters became non-finite", math.nan)
         self.perm, self.batch = None, 0
         self.epoch += 1
         return None
 
+    def _diverged(self, what: str, loss: float, step: int | None = None) -> str:
+        """Record the divergence (epoch, first non-finite step, loss) and say so."""
+        step = self.step if step is None else step
+        self.diverged_at = {"epoch": self.epoch, "step": step, "loss": loss}
+        self.log(f"{what} at epoch {self.epoch}, step {step}: the run diverged (try a smaller learning rate)")
+        return "diverged"
+
     def record_eig(self) -> None:
         """λmax of the current iterate on the abridged set (eig_freq); the model is not changed."""
         X, y = abridged(self.data, self.cfg.abridged_size)
-        rec = lambda_max_record(self.model, X, y, self.cfg)
+        try:
+            rec = lambda_max_record(self.model, X, y, self.cfg)
+        except NonFiniteError as exc:  # finite parameters, overflowing curvature: no value, say why
+            _warn(f"λmax at step {self.step} not measured: {exc}")
+            rec = {"value": math.nan, "residual": math.nan}
         self.eigs.append({"step": self.step, "epoch": self.epoch, "lambda_max": rec["value"],
                           "residual": rec["residual"]})
 
@@ -586,6 +635,25 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _finite_parameters(model: nn.Module) -> bool:
+    """Whether every parameter entry is finite (one look at the device)."""
+    flags = [torch.isfinite(p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _keep_previous(path: Path, prev: Path) -> None:
+    """Make `prev` a copy of `path` while `path` stays in place (a hard link, renamed over `prev`), so
+    that a kill at any moment leaves a complete newest checkpoint under its own name."""
+    link = path.parent / f".checkpoint.prev{results.TMP_SUFFIX}"
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # a file system without hard links: the old order (a short window without `path`)
+        path.replace(prev)
+        return
+    link.replace(prev)
 
 
 def _autocast(cfg: RunConfig, device: torch.device):
