@@ -2,6 +2,7 @@
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sharpness import cli, results
+from sharpness import cli, results, train
 from sharpness.train import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,19 @@ def test_diverging_run_with_eig_freq_ends_as_diverged(workdirs, capsys):
     rows = list(csv.DictReader(open(d / "eigs.csv")))
     assert float(rows[0]["lambda_max"]) > 0 and len(rows) <= s["diverged_at"]["step"] + 1
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_divergence_seen_every_20_steps_records_the_first_bad_step(workdirs, monkeypatch):
+    """The GPU's way of checking (every 20 steps, first bad step tracked on the device) gives the same
+    diverged_at as checking every step."""
+    argv = ["train", "digits", "mlp_p=0", "32", "1e4", "--max_epochs", "2", "--quiet"]
+    assert cli.main(argv) == 0
+    every_step = _summary(workdirs, "digits", "mlp_p=0", 32, 1e4, max_epochs=2)["diverged_at"]
+    monkeypatch.setattr(train, "_check_interval", lambda device: 20)
+    assert cli.main([*argv, "--force"]) == 0
+    s = _summary(workdirs, "digits", "mlp_p=0", 32, 1e4, max_epochs=2)
+    assert s["diverged_at"] == every_step and s["status"] == "diverged"
+    assert s["steps"] == 20 * math.ceil(every_step["step"] / 20)  # it noticed at the next look
 
 
 def test_between_iterates(workdirs):

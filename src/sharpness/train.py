@@ -522,7 +522,7 @@ class Trainer:
         autocast = _autocast(cfg, self.device)
         # on a GPU the host looks at the loss every 20 steps (a look waits for the GPU); the first
         # non-finite step and its loss are tracked on the device in between, without waiting
-        check_every = 1 if self.device.type == "cpu" else 20
+        check_every = _check_interval(self.device)
         first_bad = torch.full((), -1, device=self.device, dtype=torch.int64)
         bad_loss = torch.zeros((), device=self.device)
         self.model.train()
@@ -635,6 +635,11 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _check_interval(device: torch.device) -> int:
+    """Steps between two looks at the loss: every step on a CPU, every 20 on a GPU."""
+    return 1 if device.type == "cpu" else 20
 
 
 def _finite_parameters(model: nn.Module) -> bool:
