@@ -200,7 +200,8 @@ def kendall_groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     groups = [(pooled, use)]
     for panel, g in panels:
         title = panel_title(panel)
-        groups.append((title, g))
+        if len(panels) > 1:  # one setting: its row would repeat "all runs"
+            groups.append((title, g))
         by_bs = sorted(group_by(g, lambda r: int(r["batch_size"])).items())
         by_opt = sorted(group_by(g, opt_label).items(), key=lambda t: opt_order(t[0]))
         if len(by_bs) > 1:
