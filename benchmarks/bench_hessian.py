@@ -73,6 +73,7 @@ class Report:
     gradient_seconds: float = math.nan
     reference: float = math.nan
     memory: dict = field(default_factory=dict)
+    anatomy: dict = field(default_factory=dict)
 
 
 def cases(args) -> list[Case]:
@@ -246,6 +247,20 @@ def reference(model, X, y, chunk: int) -> tuple[float, int, float, str]:
     return lam, spec.matvecs, residual, f"Rayleigh quotient {float(u @ hu):.10g}"
 
 
+def anatomy(model, X, y, chunk: int, device: torch.device, seed: int) -> dict:
+    """Where our seconds go: the first product (it builds the graphs), a product with the graphs
+    reused (median of 3), and how many products a random start needs against ours (gradient + random)."""
+    op = hessian.HessianOperator(model, X, y, batch_size=chunk, mode="train")
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randn(op.numel, generator=gen).to(op.device, op.dtype)
+    _, first = timed(lambda: op.matvec(v), device)
+    reused = statistics.median(timed(lambda: op.matvec(v), device)[1] for _ in range(3))
+    random_start = hessian.lanczos(op.matvec, op.numel, k=1, tol=TOL, seed=seed, device=op.device,
+                                   dtype=op.dtype)
+    return {"first_product_s": first, "reused_product_s": reused,
+            "random_start_products": random_start.matvecs, "random_start_value": random_start.eigenvalues[0]}
+
+
 # -- memory --------------------------------------------------------------------------------------
 
 def peak_memory(what: str, model, X, y, chunk: int, device: torch.device, threads: int) -> int:
@@ -339,6 +354,8 @@ def run_net(case: Case, args, device: torch.device) -> Report:
     (value, mv, note), secs = timed(power, device)
     rep.rows.append(Row("power iteration, PyHessian rule 1e-3", value, mv, secs,
                         note=note + "; on our operator (graphs reused)"))
+    log(f"{case.name}: cost of one product, and the start vector")
+    rep.anatomy = anatomy(model, X, y, case.chunk, device, args.seed)
     after = gradient_seconds(model, X, y, case.chunk, args.repeats)
     rep.gradient_seconds = statistics.median(before + after)
     rep.setup.append(f"one full-data gradient: {rep.gradient_seconds:.4g} s (median of {len(before)} "
@@ -434,6 +451,15 @@ def print_report(rep: Report) -> None:
               f"{grads} {ratio:10.1f}x")
     for r in rep.rows:
         print(f"     {r.method.split(':')[0].split(',')[0]}: {r.note}")
+    if rep.anatomy and math.isfinite(rep.gradient_seconds):
+        a, g = rep.anatomy, rep.gradient_seconds
+        original = next((r for r in rep.rows if r.method.startswith("original")), None)
+        recomputed = (f"; the original's recomputed product {original.seconds / original.matvecs / g:.2f}"
+                      if original else "")
+        print(f"   one product of ours: {a['reused_product_s'] / g:.2f} gradients with the graphs reused, "
+              f"{a['first_product_s'] / g:.2f} for the first (it builds them){recomputed}")
+        print(f"   start vector: gradient + random (ours) {rep.rows[0].matvecs} products; a random start "
+              f"{a['random_start_products']} products to the same residual")
     if rep.memory:
         lam, step = rep.memory["lambda_max_bytes"], rep.memory["train_step_bytes"]
         print(f"   memory ({rep.memory['how']}): lambda_max {lam / 2**20:.0f} MiB, one training step on "
