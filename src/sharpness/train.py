@@ -550,8 +550,9 @@ class Trainer:
             self.step += 1
             self.batch += 1
             if check_every == 1:
-                if not torch.isfinite(loss):
-                    return self._diverged(f"the training loss became {float(loss)}", float(loss))
+                value = float(loss)  # on a CPU reading the loss costs nothing
+                if not math.isfinite(value):
+                    return self._diverged(f"the training loss became {value}", value)
                 continue
             new_bad = ~torch.isfinite(loss.detach()) & (first_bad < 0)
             first_bad = torch.where(new_bad, first_bad.new_full((), self.step), first_bad)
