@@ -13,19 +13,16 @@ def accumulate_gradients(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chu
                          autocast: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
     """Add to .grad the gradient of the mean cross-entropy over (X, y), in chunks; return the loss."""
     n = len(y)
-    if n <= chunk:  # one chunk: the plain mean (bit-identical to sum / n, two autograd nodes fewer)
-        with autocast or contextlib.nullcontext():
-            out = model(X)
-        loss = F.cross_entropy(out.float(), y)
-        loss.backward()
-        return loss.detach()
-    total = torch.zeros((), device=X.device)
+    total = None
     for s in range(0, n, chunk):
         with autocast or contextlib.nullcontext():
             out = model(X[s:s + chunk])
-        loss = F.cross_entropy(out.float(), y[s:s + chunk], reduction="sum") / n
+        if n <= chunk:  # one chunk: the plain mean (bit-identical to sum / n, two autograd nodes fewer)
+            loss = F.cross_entropy(out.float(), y)
+        else:
+            loss = F.cross_entropy(out.float(), y[s:s + chunk], reduction="sum") / n
         loss.backward()
-        total += loss.detach()
+        total = loss.detach() if total is None else total + loss.detach()
     return total
 
 

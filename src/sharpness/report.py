@@ -94,8 +94,8 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
     if summary is not None:
         _fill_config(row, summary.get("config"))
         _fill_summary(row, summary, notes)
-        _fill_measurements(row, run_dir, _obj(summary.get("lambda_max")), notes)
-        _check_sweep_settings(row, _obj(summary.get("config")), config, notes)
+        _fill_measurements(row, run_dir, results.json_object(summary.get("lambda_max")), notes)
+        _check_sweep_settings(row, summary, config, notes)
         if (run_dir / FAILURE).exists():  # a sweep removes it when the run succeeds: a later attempt failed
             failure = _read_dict(run_dir / FAILURE, notes) or {}
             notes.append(f"the sweep's last attempt failed: {failure.get('error') or 'no error message recorded'}")
@@ -111,7 +111,7 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
             row["status"] = "failed"
             notes.append(f"failed: {failure.get('error') or 'no error message recorded'}")
         elif run_dir.is_dir() and any((run_dir / n).exists() for n in (results.CHECKPOINT, results.CHECKPOINT_PREV)):
-            row["status"] = "running" if _lock_held(run_dir) else "interrupted"
+            row["status"] = "running" if results.lock_held(run_dir) else "interrupted"
             notes.append("no summary.json yet" + ("" if row["status"] == "running" else
                                                   ": run the same command (or the sweep) again to resume"))
         else:
@@ -152,12 +152,6 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _lock_held(run_dir: Path) -> bool:
-    from .sweep import lock_held
-
-    return lock_held(run_dir)
-
-
 def _read_dict(path: Path, notes: list[str]) -> dict | None:
     if not path.exists():
         return None
@@ -193,13 +187,14 @@ def _fill_config(row: dict, config: Any) -> None:
             row[k] = config.get(k)
 
 
-def _check_sweep_settings(row: dict, stored: dict, config: dict | None, notes: list[str]) -> None:
+def _check_sweep_settings(row: dict, summary: dict, config: dict | None, notes: list[str]) -> None:
     """A finished run whose λmax settings differ from what the sweep file asks is 'remeasure'."""
-    from .train import MEASUREMENT_FIELDS
+    from .train import remeasure_fields
 
-    if config is None or row["status"] == "diverged":
+    if config is None:
         return
-    diff = [k for k in MEASUREMENT_FIELDS if stored.get(k) != config.get(k)]
+    diff = remeasure_fields(summary, config)
+    stored = results.json_object(summary.get("config"))
     if diff:
         row["status"] = "remeasure"
         notes.append("λmax was measured with " + ", ".join(f"{k}={stored.get(k)}" for k in diff)
@@ -211,14 +206,14 @@ def _fill_summary(row: dict, summary: dict, notes: list[str]) -> None:
     status = summary.get("status")
     row["status"] = status if isinstance(status, str) and status else "unknown"
     row["epochs"], row["steps"] = (_integer(summary.get(k)) for k in ("epochs", "steps"))
-    final = _obj(summary.get("final"))
+    final = results.json_object(summary.get("final"))
     for k in results.METRIC_NAMES:
         row[k] = _number(final.get(k))
     if row["train_acc"] is not None and row["test_acc"] is not None:
         row["gap_acc"] = row["train_acc"] - row["test_acc"]
     if row["train_loss"] is not None and row["test_loss"] is not None:
         row["gap_loss"] = row["test_loss"] - row["train_loss"]
-    lam = _obj(summary.get("lambda_max"))
+    lam = results.json_object(summary.get("lambda_max"))
     row["lambda_max"] = _number(lam.get("value"))
     row["lambda_max_residual"] = _number(lam.get("residual"))
     row["lambda_max_converged"] = lam.get("converged")
@@ -226,7 +221,7 @@ def _fill_summary(row: dict, summary: dict, notes: list[str]) -> None:
     row["two_over_lr"] = _number(summary.get("two_over_lr"))
     row["wall_time_s"] = _number(summary.get("wall_time_s"))
     if row["status"] == "diverged":
-        at = _obj(summary.get("diverged_at"))
+        at = results.json_object(summary.get("diverged_at"))
         notes.append(f"diverged at epoch {at.get('epoch')}, step {at.get('step')}")
     elif row["status"] == "max_epochs":
         notes.append(f"stopped at max_epochs={row['max_epochs']} before train accuracy reached {row['acc_goal']}")
@@ -265,13 +260,9 @@ def _integer(x: Any) -> int | None:
     return x if isinstance(x, int) and not isinstance(x, bool) else None
 
 
-def _obj(x: Any) -> dict:
-    """x when it is a JSON object, else an empty one (a damaged file must not raise)."""
-    return x if isinstance(x, dict) else {}
-
-
 def _number(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+    value = results.json_number(x)
+    return None if value is None else float(value)
 
 
 # -- runs left out of the figures ---------------------------------------------------------------

@@ -194,6 +194,38 @@ def find_runs(root: Path) -> list[Path]:
 
 # -- run lock -----------------------------------------------------------------------------------
 
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "another process holds it"
+
+
+def json_object(x: Any) -> dict:
+    """x when it is a JSON object, else an empty one (a damaged file must not raise)."""
+    return x if isinstance(x, dict) else {}
+
+
+def json_number(x: Any) -> int | float | None:
+    """x when it is a JSON number (not a bool), else None."""
+    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
+
+
+def lock_held(run_dir: Path) -> bool:
+    """Whether a live process holds the run directory's lock (the lock file is never created)."""
+    import fcntl
+
+    try:
+        fd = os.open(Path(run_dir) / LOCK, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in _BUSY  # any other error: no flock here, so nobody can hold it
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """An exclusive lock on a run directory; the OS releases it when the holder dies."""
 
@@ -213,7 +245,7 @@ class RunLock:
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno not in _BUSY:
                 os.close(self.fd)
                 self.fd = None
                 raise SharpnessError(f"cannot lock {self.path}: {exc.strerror or exc} (the file system does "

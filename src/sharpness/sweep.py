@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import errno
 import math
 import os
 import re
@@ -317,42 +316,21 @@ def check_data(sweep: Sweep, prepare: bool) -> None:
 
 # -- the state of runs --------------------------------------------------------------------------
 
-def lock_held(run_dir: Path) -> bool:
-    """Whether a live process holds the run directory's lock (the lock file is never created)."""
-    import fcntl
-
-    try:
-        fd = os.open(Path(run_dir) / results.LOCK, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError as exc:
-        return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # else no flock: nobody can hold it
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
-    finally:
-        os.close(fd)
-
-
 def run_state(run: SweepRun) -> dict:
     """Status (pending, running, interrupted, done, max_epochs, diverged, failed, remeasure), epochs,
     test accuracy, λmax and the failure message of a run, from its files."""
-    from .train import MEASUREMENT_FIELDS
+    from .train import remeasure_fields
 
     d = run.run_dir
     summary = results.read_summary(d)
     state = {"run_dir": str(d), "status": "pending", "epochs": None, "test_acc": None,
              "lambda_max": None, "error": None, "holder": None}
     if summary is not None:
-        stored, final, lam = (summary.get(k) if isinstance(summary.get(k), dict) else {}
-                              for k in ("config", "final", "lambda_max"))
-        stale = summary.get("status") != "diverged" and any(
-            stored.get(k) != getattr(run.cfg, k) for k in MEASUREMENT_FIELDS)
-        state.update(status=str(summary.get("status")), epochs=_number(summary.get("epochs")),
-                     test_acc=_number(final.get("test_acc")), lambda_max=_number(lam.get("value")))
-        if not stale:
+        final, lam = (results.json_object(summary.get(k)) for k in ("final", "lambda_max"))
+        state.update(status=str(summary.get("status")), epochs=results.json_number(summary.get("epochs")),
+                     test_acc=results.json_number(final.get("test_acc")),
+                     lambda_max=results.json_number(lam.get("value")))
+        if not remeasure_fields(summary, run.cfg.identity()):
             return state
         state["status"] = "remeasure"
         failure = _read_failure(d)  # removed when a run succeeds: the last attempt to measure again failed
@@ -367,7 +345,7 @@ def run_state(run: SweepRun) -> dict:
         failure = _read_failure(d)
         if failure is not None:
             state.update(status="failed", error=failure.get("error"))
-    if lock_held(d):
+    if results.lock_held(d):
         state["status"] = "running"
         state["error"] = None
         try:
@@ -392,11 +370,6 @@ def _float(text) -> float | None:
     except (TypeError, ValueError):
         return None
     return value if math.isfinite(value) else None
-
-
-def _number(x):
-    """x when it is a JSON number (not a bool), else None."""
-    return x if isinstance(x, (int, float)) and not isinstance(x, bool) else None
 
 
 def _read_failure(run_dir: Path) -> dict | None:

@@ -118,6 +118,15 @@ MEASUREMENT_FIELDS = ("abridged_size", "disable_dropout", "between_iterates")
 NOT_TRAINING_FIELDS = MEASUREMENT_FIELDS + ("save_freq",)  # may change when a run resumes
 
 
+def remeasure_fields(summary: dict, wanted: dict) -> list[str]:
+    """The λmax settings (MEASUREMENT_FIELDS) in which a finished run's summary differs from `wanted`
+    (a config dict); none for a diverged run, which has no final network to measure."""
+    if summary.get("status") == "diverged":
+        return []
+    stored = results.json_object(summary.get("config"))
+    return [k for k in MEASUREMENT_FIELDS if stored.get(k) != wanted.get(k)]
+
+
 def check_seed(name: str, value: int) -> None:
     """Seeds are integers in [0, 2**63) (what torch's generators take)."""
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:
@@ -266,9 +275,8 @@ def _clear_run(run_dir: Path) -> None:
 
 def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log) -> dict:
     """A finished run is not trained again; a changed λmax setting is measured anew."""
-    stored = summary.get("config", {})
-    changed = [k for k in MEASUREMENT_FIELDS if stored.get(k) != getattr(cfg, k)]
-    if changed and summary.get("status") != "diverged":
+    changed = remeasure_fields(summary, cfg.identity())
+    if changed:
         log(f"run already trained; measuring λmax again for the new {', '.join(changed)}")
         model = load_final_model(run_dir, cfg, data, device)
         summary["lambda_max"] = measure_final(model, run_dir, cfg, data, device, progress=True)
