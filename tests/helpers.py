@@ -28,7 +28,8 @@ def reference_hessian(model: nn.Module, X: torch.Tensor, y: torch.Tensor, chunk:
         total = 0.0
         for s in range(0, len(y), chunk):
             b = {n: t.clone() for n, t in buffers.items()}
-            out = functional_call(twin, {**params, **b}, (X[s:s + chunk].double(),))
+            x = X[s:s + chunk]
+            out = functional_call(twin, {**params, **b}, (x.double() if x.is_floating_point() else x,))
             total = total + F.cross_entropy(out, y[s:s + chunk], reduction="sum")
         return total / len(y)
 

@@ -350,3 +350,118 @@ def test_non_finite_products_are_an_error_not_a_value(monkeypatch):
         H.lambda_max(mlp(), X, y, batch_size=5)
     with pytest.raises(H.NonFiniteError):
         H.spectral_density(mlp(), X, y, batch_size=5, lanczos_steps=4)
+
+
+def test_repeated_top_eigenvalue_found_k_times():
+    """At a symmetric point (a zero-initialized linear classifier) the top eigenvalue is repeated:
+    top_eigenvalues(k) returns as many copies as k asks, where one start vector finds one copy."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    X, y = torch.randn(60, 4), torch.randint(0, 3, (60,))
+    ev = torch.linalg.eigvalsh(reference_hessian(model, X, y, 60, False)).flip(0)
+    assert abs(ev[0] - ev[1]) < 1e-12 and ev[1] - ev[2] > 1e-2  # a double top eigenvalue
+    for k in (2, 3):
+        spec = H.top_eigenvalues(model, X, y, k=k, batch_size=60, tol=1e-8, dtype=F64)
+        assert spec.converged and spec.extra["block"] == k
+        assert np.allclose(spec.eigenvalues, ev[:k].numpy(), rtol=1e-7)
+    single = H.lanczos(H.HessianOperator(model, X, y, batch_size=60, dtype=F64).matvec, 15, k=2,
+                       tol=1e-8, dtype=F64, block=1)
+    assert single.eigenvalues[1] < ev[1] - 1e-2  # why the default block is k: one vector misses the copy
+
+
+def test_small_lambda_min_has_its_own_relative_residual():
+    """λmin far smaller than λmax: the residual is relative to |λmin|, so tol bounds its own error."""
+    model = mlp(d=12, h=10, k=4, seed=2)
+    X, y = data(40, (12,), 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(100):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    ev = torch.linalg.eigvalsh(reference_hessian(model, X, y, 40, False))
+    assert abs(ev[0]) < 0.05 * ev[-1]  # the regime where a residual relative to λmax says little
+    spec = H.bottom_eigenvalues(model, X, y, batch_size=40, tol=1e-3, dtype=F64)
+    assert spec.converged and spec.residuals[0] < 1e-3
+    assert abs(spec.eigenvalues[0] - ev[0].item()) <= 1e-3 * abs(ev[0].item())
+
+
+def test_frozen_and_unused_parameters():
+    """The Hessian is over the trainable parameters; a parameter the loss never uses has a zero block."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a, self.b = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+            self.unused = torch.nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    net = Net()
+    net.a.requires_grad_(False)
+    X, y = data(30, (6,), 3)
+    op = H.HessianOperator(net, X, y, batch_size=30, dtype=F64)
+    assert op.numel == 8 * 3 + 3 + 2 * 2 + 2
+    dense = torch.stack([op.matvec(e) for e in torch.eye(op.numel, dtype=F64)], 1)
+    assert torch.count_nonzero(dense[-6:]) == 0 and torch.count_nonzero(dense[:, -6:]) == 0
+    full = reference_hessian(net, X, y, 30, False)  # over every parameter: a, b, unused
+    b_block = full[8 * 6 + 8:8 * 6 + 8 + 27, 8 * 6 + 8:8 * 6 + 8 + 27]
+    assert torch.allclose(dense[:27, :27], b_block, atol=1e-12)
+    top = torch.linalg.eigvalsh(b_block)[-1].item()
+    assert abs(H.lambda_max(net, X, y, batch_size=30, tol=1e-8, dtype=F64) - top) < 1e-7 * top
+    assert all(p.requires_grad is False for p in net.a.parameters())  # the user's flags are untouched
+    net.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        H.HessianOperator(net, X, y, batch_size=30)
+
+
+def test_integer_inputs_stay_integer():
+    """Token indices reach an Embedding as integers (only floating inputs take the operator's dtype)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Flatten(), torch.nn.Linear(20, 3))
+    X, y = torch.randint(0, 10, (23, 5)), torch.randint(0, 3, (23,))
+    top = torch.linalg.eigvalsh(reference_hessian(model, X, y, 10, False))[-1].item()
+    assert abs(H.lambda_max(model, X, y, batch_size=10, tol=1e-8, dtype=F64) - top) < 1e-7 * top
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (torch.nn.Dropout2d, (4, 6, 5, 5)), (torch.nn.Dropout2d, (4, 6, 5)), (torch.nn.Dropout1d, (4, 6, 5)),
+    (torch.nn.Dropout1d, (6, 5)), (torch.nn.Dropout3d, (2, 6, 3, 3, 3)), (torch.nn.Dropout3d, (6, 3, 3, 3))])
+def test_fixed_dropout_keeps_channel_structure(layer, shape):
+    """dropout='fixed' draws masks the way the layer does: Dropout1d/2d/3d drop whole channels."""
+    native = layer(0.5).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns about Dropout2d on 3-D inputs
+        ones = torch.ones(shape)
+        native_out = native(ones)
+    model = torch.nn.Sequential(layer(0.5))
+    fixed = H._measurement_copy(model, "train", "fixed", None, seed=1)[0][0]
+    out = fixed(ones)
+    channel_dims = {torch.nn.Dropout1d: len(shape) - 1, torch.nn.Dropout2d: 2,
+                    torch.nn.Dropout3d: 2 if len(shape) == 5 else 1}[layer]
+    for o in (native_out, out):  # constant within each channel, for the native layer and ours alike
+        flat = o.reshape(*shape[:channel_dims], -1)
+        assert torch.equal(flat.amin(-1), flat.amax(-1))
+    assert set(out.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_fixed_dropout_edge_cases():
+    """p = 1 gives zeros, as native dropout does; dropout layers with other semantics are refused."""
+    X, y = data(20, (12,), 4)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.Dropout(1.0), torch.nn.Linear(6, 4))
+    op = H.HessianOperator(model, X, y, batch_size=10, dropout="fixed", dtype=F64)
+    assert torch.isfinite(op.matvec(torch.ones(op.numel, dtype=F64))).all()
+    alpha = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.AlphaDropout(0.2), torch.nn.Linear(6, 4))
+    with pytest.raises(ValueError, match="AlphaDropout is not supported"):
+        H.HessianOperator(alpha, X, y, batch_size=10, dropout="fixed")
+    assert H.HessianOperator(alpha, X, y, batch_size=10, dropout="off").numel > 0
+
+
+def test_not_converged_warning_points_at_the_caller(dense):
+    model, X, y, chunk, mode, dropout, ev = dense["mlp"]
+    with pytest.warns(RuntimeWarning, match="did not converge") as record:
+        H.lambda_max(model, X, y, batch_size=chunk, tol=1e-12, max_matvecs=2, dtype=F64)
+    assert record[0].filename == __file__

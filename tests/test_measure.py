@@ -103,10 +103,10 @@ def test_malformed_measurements_file_is_refused_before_measuring(finished, capsy
 
 def test_each_quantity_is_kept_when_a_later_one_fails(finished, capsys, monkeypatch):
     def broken(*args, **kwargs):
-        raise ValueError("density exploded")
+        raise RuntimeError("density exploded")
 
     monkeypatch.setattr(hessian, "spectral_density", broken)
-    with pytest.raises(ValueError, match="exploded"):  # an unexpected crash (say, out of memory)
+    with pytest.raises(RuntimeError, match="exploded"):  # an unexpected crash (say, out of memory)
         cli.main(["measure", str(finished), "--what", "lambda_max,density", "--quiet"])
     recs = json.loads((finished / "measurements.json").read_text())["measurements"]
     assert [r["what"] for r in recs] == ["lambda_max"]
@@ -124,3 +124,13 @@ def test_trace_repeats_use_independent_probes(finished):
         X, y = abridged(data, 200, offset)
         est, _ = hessian.hessian_trace(model, X, y, samples=4, seed=seed, batch_size=100)
         assert rec["values"][offset] == pytest.approx(est, rel=1e-5)
+    # the standard error is never below the probes' own error of the mean (two subsets can agree by luck)
+    probes = (rec["probe_stderr"][0] ** 2 + rec["probe_stderr"][1] ** 2) ** 0.5 / 2
+    assert rec["stderr_probes"] == pytest.approx(probes)
+    assert rec["stderr"] == max(rec["stderr_subsets"], rec["stderr_probes"])
+
+
+def test_measure_k_above_parameter_count_is_one_line(finished, capsys):
+    assert cli.main(["measure", str(finished), "--what", "topk", "--k", "10000000", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "exceeds the network's" in err and len(err.splitlines()) == 1

@@ -31,19 +31,38 @@ DROPOUT_MODES = ("off", "fixed")
 
 
 class _FixedDropout(nn.Module):
-    """Dropout whose mask depends only on (seed, chunk, layer): the same mask in every product."""
+    """Dropout whose mask depends only on (seed, chunk, layer): the same mask in every product.
 
-    def __init__(self, p: float, layer: int, state: dict):
+    `keep_dims` leading dimensions of the input get their own draw and the rest share it:
+    all of them for element-wise dropout, (N, C) or (C,) for the channel-wise Dropout1d/2d/3d.
+    """
+
+    def __init__(self, p: float, layer: int, state: dict, keep_dims=None):
         super().__init__()
-        self.p, self.layer, self.state = p, layer, state
+        self.p, self.layer, self.state, self.keep_dims = p, layer, state, keep_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p <= 0:
             return x
+        if self.p >= 1:  # every unit dropped (native dropout returns zeros, not 0/0)
+            return x * 0.0
         gen = torch.Generator(device=x.device)
         gen.manual_seed(hash((self.state["seed"], self.state["chunk"], self.layer)) % (2 ** 63))
-        keep = torch.rand(x.shape, generator=gen, device=x.device) >= self.p
+        kept = x.dim() if self.keep_dims is None else self.keep_dims(x.dim())
+        shape = tuple(x.shape[:kept]) + (1,) * (x.dim() - kept)
+        keep = torch.rand(shape, generator=gen, device=x.device) >= self.p
         return x * keep.to(x.dtype) / (1.0 - self.p)
+
+
+# Which leading dimensions of an input of rank d draw their own mask (the rest share it), as torch's
+# dropout modules do: Dropout1d (N, C, L) or (C, L); Dropout2d (N, C, H, W) and, by torch's rule for
+# 3-D inputs, (N, C, L); Dropout3d (N, C, D, H, W) or (C, D, H, W).
+_MASK_DIMS = {
+    nn.Dropout: None,
+    nn.Dropout1d: lambda d: d - 1,
+    nn.Dropout2d: lambda d: 2,
+    nn.Dropout3d: lambda d: 2 if d == 5 else 1,
+}
 
 
 class _BatchStatNorm(nn.Module):
@@ -109,7 +128,7 @@ class HessianOperator:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
-        self.X = X.to(self.device, self.dtype)
+        self.X = X.to(self.device, self.dtype) if X.is_floating_point() else X.to(self.device)
         self.y = y.to(self.device)
         self.n_examples = len(y)
         self.numel = sum(p.numel() for p in self.params)
@@ -186,7 +205,9 @@ class HessianOperator:
         s, e = self.chunks[i]
         with torch.enable_grad():
             loss = self._chunk_loss(i, s, e)
-            return torch.autograd.grad(loss, self.params, create_graph=create_graph)
+            grads = torch.autograd.grad(loss, self.params, create_graph=create_graph, allow_unused=True)
+        # a parameter the loss does not use has a zero gradient and a zero row of the Hessian
+        return tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params))
 
     def _build_graphs(self) -> None:
         """Keep the first-order graphs of as many chunks as the memory budget allows."""
@@ -262,11 +283,15 @@ def _measurement_copy(model: nn.Module, mode: str, dropout: str, dtype, seed: in
                 setattr(module, name, _BatchStatNorm(child))  # same function, cheaper second derivative
         if dropout == "fixed":
             for name, child in list(module.named_children()):
-                if isinstance(child, nn.modules.dropout._DropoutNd):
-                    setattr(module, name, _FixedDropout(child.p, layer, state))
-                    layer += 1
-    for p in twin.parameters():
-        p.requires_grad_(True)
+                if not isinstance(child, nn.modules.dropout._DropoutNd):
+                    continue
+                if type(child) not in _MASK_DIMS or child._forward_hooks or child._forward_pre_hooks:
+                    raise ValueError(f"dropout='fixed' supports torch's Dropout, Dropout1d, Dropout2d and "
+                                     f"Dropout3d; {type(child).__name__} is not supported (use "
+                                     "dropout='off')")
+                setattr(module, name, _FixedDropout(child.p, layer, state, _MASK_DIMS[type(child)]))
+                layer += 1
+    for p in twin.parameters():  # the Hessian is over the trainable parameters (requires_grad)
         p.grad = None
     return twin, state
 
@@ -292,6 +317,8 @@ def _check_inputs(model, X, y, batch_size, mode, dropout) -> None:
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters")
+    if not any(p.requires_grad for p in params):
+        raise ValueError("the model has no trainable parameters (every parameter has requires_grad=False)")
     if not all(bool(torch.isfinite(p).all()) for p in params):
         raise ValueError("the model has non-finite parameters (NaN or inf)")
 
@@ -397,61 +424,98 @@ def _check_k_tol(k: int, tol: float) -> None:
 def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
             max_matvecs: int = 500, seed: int = 0, device=None, dtype=torch.float32,
             max_basis: int | None = None, eigenvectors: bool = False,
-            start: torch.Tensor | None = None) -> Spectrum:
+            start: torch.Tensor | None = None, block: int | None = None) -> Spectrum:
     """k extreme eigenvalues (LA: largest, SA: smallest algebraic) of a symmetric operator.
 
-    Lanczos with full reorthogonalization and thick restarts; stops when every wanted Ritz value
-    has a relative residual below `tol` (relative to |λ| for LA, to the largest |Ritz value| for SA).
-    It starts from `start` when given (any nonzero vector), else from a random vector drawn from `seed`.
+    Band Lanczos with full reorthogonalization and thick restarts: `block` start vectors (default k)
+    grow the Krylov space together, so an eigenvalue repeated up to `block` times is found as often
+    (one start vector finds one copy of each). It stops when every wanted Ritz value has a relative
+    residual ||Hv - λv|| / |λ| below `tol` (for |λ| below eps^(2/3) times the largest |Ritz value|,
+    relative to that floor instead). The first start vector is `start` when given (any nonzero
+    vector), the others are random vectors drawn from `seed`.
     """
     _check_k_tol(k, tol)
     if k > n:
         raise ValueError(f"k={k} exceeds the operator size {n}")
     if which not in ("LA", "SA"):
         raise ValueError(f"which must be 'LA' or 'SA', got {which!r}")
-    max_basis = min(n, max_basis or max(2 * k + 30, 40))
+    width = min(n, k if block is None else int(block))
+    if width < 1:
+        raise ValueError(f"block must be >= 1, got {block}")
+    max_basis = min(n, max(max_basis or max(2 * k + 30, 40), k + 2 * width + 1))
     gen = torch.Generator().manual_seed(seed)
-    basis = _basis_start(n, gen, device, dtype, start)
-    T = np.zeros((max_basis + 1, max_basis + 1))
-    matvecs, converged = 0, False
+    floor = torch.finfo(dtype).eps ** (2 / 3)
+    basis = _basis_start(n, gen, device, dtype, start, width)
+    T = np.zeros((max_basis + 1, max_basis + 1))  # V^T H V; column j is known once v_j is multiplied
+    p, matvecs, converged = 0, 0, False  # rows 0..p-1 of the basis are multiplied, the rest wait
     while True:
-        m = basis.m
-        w = matvec(basis.row(m - 1))
+        w = matvec(basis.row(p))
         matvecs += 1
+        m = basis.m
         w, c, beta = _orthogonal_step(basis, w)
-        T[:m, m - 1] = c
-        T[m - 1, :m] = c
-        theta, S = np.linalg.eigh(T[:m, :m])
+        T[:m, p] = c
+        T[p, :m] = c
+        theta, S = np.linalg.eigh(T[:p + 1, :p + 1])
+        full = m == n  # nothing is left outside the basis
+        if not full and beta <= 1e-12 * max(np.abs(theta).max(), 1e-30):
+            # H v_p lies in the basis: continue from a fresh direction (no coupling to the others)
+            w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
+            w, beta_new = w / w.norm(), 0.0
+        else:
+            beta_new = beta
+            if not full:
+                w = w / beta
+        T[m, p] = T[p, m] = beta_new if not full else 0.0
+        p += 1
         order = np.argsort(-theta) if which == "LA" else np.argsort(theta)
         idx = order[:k]
-        scale = np.abs(theta[idx]) if which == "LA" else np.full(len(idx), np.abs(theta).max())
-        rel = beta * np.abs(S[m - 1, idx]) / np.maximum(scale, 1e-30)
-        exhausted = beta <= 1e-12 * max(np.abs(theta).max(), 1e-30) or m == n
-        if len(idx) == k and (np.all(rel < tol) or exhausted):
+        # residual of a Ritz vector V_p s: the part of H V_p s outside V_p, T[p:m+1, :p] s (orthonormal V)
+        rel = (np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0)
+               / np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30))
+        if len(idx) == k and (np.all(rel < tol) or (full and p == m)):
             converged = True
             break
         if matvecs >= max_matvecs:
             break
-        if exhausted:  # invariant subspace found before k values: continue from a fresh direction
-            w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
-            beta = float(w.norm())
-        if m == max_basis:  # thick restart: keep the best Ritz vectors, then the residual direction
-            p = min(m - 1, max(k + 10, max_basis // 2))
-            keep = order[:p]
-            basis.restart(S[:, keep].T)
+        if full:
+            continue
+        if m == max_basis:  # thick restart: the best Ritz vectors, the waiting rows, the new direction
+            keep = order[:min(p - 1, max(k + 10, max_basis // 2))]
+            waiting = m - p
+            Y = np.zeros((len(keep) + waiting, m))
+            Y[:len(keep), :p] = S[:, keep].T
+            Y[len(keep):, p:] = np.eye(waiting)
+            coupling = T[p:m + 1, :p] @ S[:, keep]  # waiting rows and the new one, against the kept vectors
+            basis.restart(Y)
             T[:] = 0.0
-            T[np.arange(p), np.arange(p)] = theta[keep]
-            theta, S, idx = theta[keep], np.eye(p), np.arange(min(k, p))
-        basis.append(w / beta)
-    vectors = basis.combinations(S[:, idx].T) if eigenvectors else None
+            q = len(keep)
+            T[np.arange(q), np.arange(q)] = theta[keep]
+            T[q:q + waiting + 1, :q] = coupling
+            T[:q, q:q + waiting + 1] = coupling.T
+            p = q
+        basis.append(w)
+    Y = np.zeros((len(idx), basis.m))
+    Y[:, :p] = S[:, idx].T
+    vectors = basis.combinations(Y) if eigenvectors else None
     if not converged:
         warnings.warn(f"Lanczos did not converge in {matvecs} Hessian-vector products: relative "
                       f"residuals {', '.join(f'{r:.2e}' for r in rel)} > tol {tol:g}", RuntimeWarning,
-                      stacklevel=3)
+                      stacklevel=_caller_level())
     return Spectrum([float(x) for x in theta[idx]], [float(r) for r in rel], matvecs, converged, vectors)
 
 
-def _basis_start(n, gen, device, dtype, start: torch.Tensor | None = None) -> _Basis:
+def _caller_level() -> int:
+    """The warnings stacklevel of the first frame outside this module (the user's call)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _basis_start(n, gen, device, dtype, start: torch.Tensor | None = None, width: int = 1) -> _Basis:
+    """An orthonormal basis of `width` start vectors: `start` (or a random one), then random ones."""
     basis = _Basis(n, device, dtype)
     if start is not None and tuple(start.shape) != (n,):
         raise ValueError(f"the start vector has shape {tuple(start.shape)}, the operator size is {n}")
@@ -460,6 +524,9 @@ def _basis_start(n, gen, device, dtype, start: torch.Tensor | None = None) -> _B
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError("the start vector must be finite and nonzero")
     basis.append(v / norm)
+    while basis.m < width:
+        w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
+        basis.append(w / w.norm())
     return basis
 
 
@@ -486,24 +553,26 @@ def top_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, k: int =
                     batch_size: int = 1000, mode: str = "train", dropout: str = "off",
                     tol: float = 1e-3, max_matvecs: int = 500, seed: int = 0,
                     eigenvectors: bool = False, dtype: torch.dtype | None = None,
-                    memory_budget: int | None = None, progress: bool = False) -> Spectrum:
+                    memory_budget: int | None = None, progress: bool = False,
+                    block: int | None = None) -> Spectrum:
     """The k largest algebraic eigenvalues of the loss Hessian, descending, with residuals."""
     return _extreme(model, X, y, k, "LA", batch_size, mode, dropout, tol, max_matvecs, seed,
-                    eigenvectors, dtype, memory_budget, progress)
+                    eigenvectors, dtype, memory_budget, progress, block)
 
 
 def bottom_eigenvalues(model: nn.Module, X: torch.Tensor, y: torch.Tensor, k: int = 1, *,
                        batch_size: int = 1000, mode: str = "train", dropout: str = "off",
                        tol: float = 1e-3, max_matvecs: int = 500, seed: int = 0,
                        eigenvectors: bool = False, dtype: torch.dtype | None = None,
-                       memory_budget: int | None = None, progress: bool = False) -> Spectrum:
-    """The k smallest algebraic eigenvalues, ascending (residuals relative to the largest |Ritz value|)."""
+                       memory_budget: int | None = None, progress: bool = False,
+                       block: int | None = None) -> Spectrum:
+    """The k smallest algebraic eigenvalues, ascending, with residuals."""
     return _extreme(model, X, y, k, "SA", batch_size, mode, dropout, tol, max_matvecs, seed,
-                    eigenvectors, dtype, memory_budget, progress)
+                    eigenvectors, dtype, memory_budget, progress, block)
 
 
 def _extreme(model, X, y, k, which, batch_size, mode, dropout, tol, max_matvecs, seed,
-             eigenvectors, dtype, memory_budget, progress=False) -> Spectrum:
+             eigenvectors, dtype, memory_budget, progress=False, block=None) -> Spectrum:
     _check_k_tol(k, tol)
     op = HessianOperator(model, X, y, batch_size=batch_size, mode=mode, dropout=dropout,
                          dtype=dtype, seed=seed, memory_budget=memory_budget)
@@ -524,12 +593,13 @@ def _extreme(model, X, y, k, which, batch_size, mode, dropout, tol, max_matvecs,
         start = _gradient_start(op, seed) if which == "LA" else None
         spec = lanczos(matvec, op.numel, k=k, which=which, tol=tol, max_matvecs=max_matvecs,
                        seed=seed, device=op.device, dtype=op.dtype, eigenvectors=eigenvectors,
-                       start=start)
+                       start=start, block=block)
     finally:
         if bar is not None:
             bar.close()
     spec.extra = {"chunk_size": op.batch_size, "chunks": len(op.chunks), "n_examples": op.n_examples,
-                  "graph_reuse_chunks": len(op._graphs or []), "mode": mode, "dropout": dropout}
+                  "graph_reuse_chunks": len(op._graphs or []), "mode": mode, "dropout": dropout,
+                  "block": min(op.numel, k if block is None else int(block))}
     return spec
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import torch
@@ -152,6 +153,9 @@ def cmd_measure(args) -> int:
     data = load_dataset(cfg.dataset)
     model = load_final_model(run_dir, cfg, data, device)
     mode, dropout = measurement_modes(cfg, model)
+    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if "topk" in whats and args.k > numel:
+        raise SharpnessError(f"--k {args.k} exceeds the network's {numel} parameters (the Hessian's size)")
     if args.mode is not None:
         mode = args.mode
         dropout = "off" if mode == "eval" else dropout
@@ -169,7 +173,7 @@ def cmd_measure(args) -> int:
         for what in whats:
             try:
                 rec = _measure_one(what, model, subsets, device, args, common)
-            except hessian.NonFiniteError as exc:
+            except ValueError as exc:  # non-finite products, k above the parameter count, ...
                 raise SharpnessError(f"{what} of {run_dir} cannot be measured: {exc}") from None
             print(_describe(rec), flush=True)
             stored["measurements"].append(rec)
@@ -213,10 +217,13 @@ def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
         estimates = [hessian.hessian_trace(model, X, y, samples=args.samples, seed=seed, **kw)
                      for (X, y), seed in zip(subsets, seeds)]
         values = [est for est, _ in estimates]
-        mean, se = mean_se(values)
+        mean, spread = mean_se(values)
+        # the probes' own error of the mean: a floor that the spread of a few subsets can fall below
+        probes = math.sqrt(sum(se_ ** 2 for _, se_ in estimates)) / len(estimates)
         rec.update(value=mean, values=values, samples=args.samples, matvecs=args.samples * len(subsets),
                    probe_seeds=seeds, probe_stderr=[se_ for _, se_ in estimates],
-                   stderr=se if se is not None else estimates[0][1])  # one subset: Hutchinson's own error
+                   stderr=probes if spread is None else max(spread, probes),
+                   stderr_subsets=spread, stderr_probes=probes)
     else:
         fn = hessian.bottom_eigenvalues if what == "lambda_min" else hessian.top_eigenvalues
         k = args.k if what == "topk" else 1
@@ -226,7 +233,8 @@ def _measure_one(what: str, model, subsets, device, args, common: dict) -> dict:
         columns = [mean_se([sp.eigenvalues[i] for sp in specs]) for i in range(k)]
         worst = [max(sp.residuals[i] for sp in specs) for i in range(k)]
         if what == "topk":
-            rec.update(k=k, value=[m for m, _ in columns], values=[sp.eigenvalues for sp in specs],
+            rec.update(k=k, block=specs[0].extra["block"], value=[m for m, _ in columns],
+                       values=[sp.eigenvalues for sp in specs],
                        stderr=[se for _, se in columns] if len(specs) > 1 else None, residual=worst)
         else:
             rec.update(value=columns[0][0], values=[sp.eigenvalues[0] for sp in specs],
