@@ -354,6 +354,8 @@ def test_finding_3_rule():
     assert verdicts(findings.finding_3, sam) == ["supported", "supported"]
     sam[3] = cell(0.1, 512, 9.5, 0.86, opt="sam")
     assert verdicts(findings.finding_3, sam) == ["not supported", "not supported"]
+    sam[3] = cell(0.1, 512, 7, 0.75, opt="sam")  # SAM worse at the large batch: no benefit there either
+    assert verdicts(findings.finding_3, sam) == ["supported", "supported"]
     assert verdicts(findings.finding_3, sam[:1]) == ["not enough runs", "not enough runs"]
 
 
@@ -431,3 +433,26 @@ def test_physical_batch_size_separates_panels_only_for_batchnorm_nets():
     bn, plain = (cell(0.1, 1000, lam, acc, arch, physical_batch_size=500)
                  for arch, lam, acc in (("vgg11_bn_no_dropout", 9, 0.85), ("vgg11_no_dropout", 8, 0.8)))
     assert findings.bn_twin(bn, [bn, plain]) is plain
+
+
+@pytest.mark.parametrize("change", [{"batch_size": "sixteen"}, {"opt": "sam", "rho": None}, {"lr": -1.0},
+                                    {"dataset": None}])
+def test_wrongly_typed_config_is_a_note_not_a_crash(sweep, tmp_path, capsys, change):
+    """A summary.json whose config is not a valid run's: the report is built, the row says why."""
+    root = tmp_path / "results"
+    shutil.copytree(sweep, root)
+    d = run_dir(root, "mlp_p=0", 32, 0.05)
+    summary = json.loads((d / "summary.json").read_text())
+    summary["config"].update(change)
+    (d / "summary.json").write_text(json.dumps(summary))
+    assert cli.main(["report", str(root), "--out", str(tmp_path / "out")]) == 0
+    row = {r["run_dir"]: r for r in read_csv(tmp_path / "out" / "runs.csv")}[str(d.relative_to(root))]
+    assert row["dataset"] == "" and row["note"].count("settings unknown") == 1
+    assert "recorded config is not a valid run's" in row["note"]
+
+
+def test_report_on_one_run_directory_names_its_figure(sweep, tmp_path):
+    d = run_dir(sweep, "mlp_p=0", 32, 0.05)
+    assert cli.main(["report", str(d), "--out", str(tmp_path / "out")]) == 0
+    names = [p.name for p in (tmp_path / "out" / "figures" / "runs").iterdir()]
+    assert names and not any(n.startswith(".") for n in names)

@@ -132,6 +132,9 @@ BAD = [
     ("[grid]\nlr = 0.1\nbatch_size = 32\narch_id = \"vgg12\"\n", "unknown architecture 'vgg12'"),
     ("[grid\nlr = 0.1\n", "invalid TOML"),
     ("[sweep]\ncpus_per_run = nan\n[grid]\nlr = 0.1\nbatch_size = 32\n", "[sweep] cpus_per_run: expected"),
+    ("[sweep]\ncpus_per_run = 0.00001\n[grid]\nlr = 0.1\nbatch_size = 32\n", "[sweep] cpus_per_run: expected"),
+    ("[grid]\nlr = 0.1\nbatch_size = 32\nnetwork_seed = [" + ", ".join(map(str, range(400))) + "]\ntrain_seed = ["
+     + ", ".join(map(str, range(400))) + "]\n", "[grid] has 160,000 runs"),
     ("[sweep]\nresults = \"$SHARPNESS_TEST_UNSET/r\"\n[grid]\nlr = 0.1\nbatch_size = 32\n",
      "environment variable SHARPNESS_TEST_UNSET is not set"),
 ]
@@ -204,12 +207,15 @@ def test_local_slots_pin_runs_to_gpus_as_visible_devices_name_them(monkeypatch):
     settings = sweep.Settings(runs_per_gpu=2)
     assert executors.local_slots(settings, None, 100) == (["3", "5", "3", "5"], 4)
     assert executors.local_slots(settings, 3, 100) == (["3", "5", "3"], 5)
-    assert executors.local_slots(settings, None, 1) == (["3"], 16)  # no more workers than runs
+    assert executors.local_slots(settings, None, 1) == (["3"], 4)  # no more workers than runs, same threads
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     assert executors.local_gpus() == ["0", "1"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     assert executors.local_slots(sweep.Settings(threads=3), None, 100) == ([None] * 16, 3)
+    # a run's thread count never depends on how many runs are left (it can change a CPU run's bits)
+    assert executors.local_slots(sweep.Settings(), None, 1) == ([None], 1)
+    assert executors.local_slots(sweep.Settings(), 2, 1) == ([None], 8)
 
 
 LOCAL = """

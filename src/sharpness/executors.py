@@ -188,9 +188,10 @@ def local_slots(settings: Settings, workers: int | None, todo: int) -> tuple[lis
         slots = slots[:workers] if workers else slots
     else:
         slots = [None] * (workers or _cpu_count())
-    slots = slots[:max(1, todo)]
+    # threads from the configured workers, never from how many runs are left: the thread count can
+    # change a CPU run's last bits, so a run resumed at the end of a sweep must keep its count
     threads = settings.threads or max(1, _cpu_count() // len(slots))
-    return slots, threads
+    return slots[:max(1, todo)], threads
 
 
 def _die_with_parent():
@@ -399,6 +400,10 @@ def run_ray(sweep: Sweep, tasks: list[Task], workers: int | None, address: str |
         check_shared_root(ray, sweep.root)
         gpus = ray.cluster_resources().get("GPU", 0)
         cpus = ray.cluster_resources().get("CPU", 0)
+        largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if s.cpus_per_run > largest:  # Ray would queue every run forever, silently
+            raise SharpnessError(f"[sweep] cpus_per_run = {s.cpus_per_run:g} but the largest node of the Ray "
+                                 f"cluster has {largest:g} CPUs: no run could ever start; lower cpus_per_run")
         num_gpus = 1.0 / s.runs_per_gpu if gpus else 0
         threads = max(1, int(s.threads or s.cpus_per_run))
         remote = ray.remote(max_calls=1)(ray_task).options(

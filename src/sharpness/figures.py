@@ -212,7 +212,7 @@ def _log_label(text: str, log: bool) -> str:
 
 def slug(text: str) -> str:
     """A file-name-safe version of `text`."""
-    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_") or "run"
+    return re.sub(r"[^A-Za-z0-9._=+-]+", "_", text).strip("_.") or "run"  # never hidden, never ".."
 
 
 # -- figures 1-6 --------------------------------------------------------------------------------

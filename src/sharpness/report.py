@@ -92,7 +92,7 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
     notes: list[str] = []
     summary = _read_dict(run_dir / results.SUMMARY, notes)
     if summary is not None:
-        _fill_config(row, summary.get("config"))
+        _fill_config(row, summary.get("config"), notes)
         _fill_summary(row, summary, notes)
         _fill_measurements(row, run_dir, results.json_object(summary.get("lambda_max")), notes)
         _check_sweep_settings(row, summary, config, notes)
@@ -102,7 +102,7 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
     else:
         failure = _read_dict(run_dir / FAILURE, notes)
         state = _read_checkpoint(run_dir, notes)
-        _fill_config(row, (failure or {}).get("config") or (state or {}).get("config"))
+        _fill_config(row, (failure or {}).get("config") or (state or {}).get("config"), notes)
         if state is not None:
             row["epochs"], row["steps"] = state.get("epoch"), state.get("step")
         if (run_dir / results.SUMMARY).exists():
@@ -119,7 +119,8 @@ def read_run(run_dir: Path, root: Path, config: dict | None = None) -> Run:
             notes.append("not started")
     if row["dataset"] is None and config is not None:
         _fill_config(row, config)
-    if row["dataset"] is None and row["status"] != "pending":
+    if row["dataset"] is None and row["status"] != "pending" and not any(
+            n.startswith("settings unknown") for n in notes):
         notes.append("settings unknown (no readable summary.json, checkpoint or failure record)")
     if row["two_over_lr"] is None and finite(row["lr"]) and row["lr"] > 0:
         row["two_over_lr"] = 2.0 / row["lr"]
@@ -179,12 +180,43 @@ def _read_checkpoint(run_dir: Path, notes: list[str]) -> dict | None:
     return None
 
 
-def _fill_config(row: dict, config: Any) -> None:
+def _fill_config(row: dict, config: Any, notes: list[str] | None = None) -> None:
+    """The run's settings from a recorded config; one that is not a valid run's is a note instead."""
     from .train import config_fields
 
-    if isinstance(config, dict):
-        for k in config_fields():
-            row[k] = config.get(k)
+    if config is None:
+        return
+    problem = _config_problem(config)
+    if problem is not None:
+        if notes is not None:
+            notes.append(f"settings unknown: the recorded config is not a valid run's ({problem})")
+        return
+    for k in config_fields():
+        row[k] = config.get(k)
+
+
+def _config_problem(config: Any) -> str | None:
+    """What makes a recorded config unusable (wrong types, impossible values), or None."""
+    from .sweep import _coerce
+    from .train import RunConfig, config_fields
+
+    if not isinstance(config, dict):
+        return "not a JSON object"
+
+    def fail(message: str):
+        raise SharpnessError(message)
+
+    known = {k: v for k, v in config.items() if k in config_fields()}
+    try:
+        for k, v in known.items():
+            if not (k == "max_epochs" and v is None):
+                _coerce(k, v, "config", fail)
+        RunConfig(**known).validate()
+    except TypeError as exc:  # a required setting is missing
+        return str(exc).split(".__init__() ")[-1]
+    except SharpnessError as exc:
+        return str(exc)
+    return None
 
 
 def _check_sweep_settings(row: dict, summary: dict, config: dict | None, notes: list[str]) -> None:
@@ -269,7 +301,8 @@ def _number(x: Any) -> float | None:
 
 def duplicates(rows: list[dict]) -> dict[str, str]:
     """Usable runs with the same settings and seeds as an earlier one (they differ only in max_epochs,
-    eig_freq or save_freq, which do not change a final model): run_dir -> the run_dir that is kept."""
+    eig_freq or save_freq, which do not change a final model, or in physical_batch_size without
+    BatchNorm): run_dir -> the run_dir that is kept."""
     kept: dict[tuple, str] = {}
     out = {}
     for r in sorted((r for r in rows if usable(r)), key=lambda r: r["run_dir"]):

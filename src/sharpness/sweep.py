@@ -23,6 +23,7 @@ from . import results
 from .errors import SharpnessError
 
 FAILED = "failure.json"
+MAX_RUNS = 100_000  # a sweep file beyond this is a typo (or needs splitting), not a plan
 TABLES = ("sweep", "fixed", "grid", "runs")
 FINISHED = ("done", "max_epochs", "diverged")
 TODO = ("pending", "interrupted", "failed", "remeasure")
@@ -51,7 +52,8 @@ class Settings:
 SETTING_CHECKS = {  # name -> (accepted types, smallest value, what to write)
     "results": ((str,), None, "a path"), "retries": ((int,), 0, "an integer >= 0"),
     "runs_per_gpu": ((int,), 1, "an integer >= 1"), "threads": ((int,), 1, "an integer >= 1"),
-    "cpus_per_run": ((int, float), 0, "a number > 0"), "ray_max_retries": ((int,), 0, "an integer >= 0"),
+    "cpus_per_run": ((int, float), 0, "a number >= 0.0001 in steps of 0.0001 (Ray's precision)"),
+    "ray_max_retries": ((int,), 0, "an integer >= 0"),
     "channels_last": ((bool,), None, "true or false"), "compile": ((bool,), None, "true or false"),
 }
 
@@ -199,7 +201,9 @@ def _read_settings(table: dict, fail) -> Settings:
         bad = not isinstance(value, types) or (bool not in types and isinstance(value, bool))
         if not bad and isinstance(value, float) and not math.isfinite(value):
             bad = True
-        if bad or (low is not None and (value < low or (key == "cpus_per_run" and value <= 0))):
+        if not bad and key == "cpus_per_run":
+            bad = value < 1e-4 or abs(value * 1e4 - round(value * 1e4)) > 1e-6
+        if bad or (low is not None and value < low):
             fail(f"[sweep] {key}: expected {want}, got {value!r}")
         setattr(settings, key, value)
     return settings
@@ -247,6 +251,10 @@ def _expand_block(name: str, table: dict, fail) -> list[tuple[str, dict]]:
         placed.add(keys)
         seqs = [values[x] if isinstance(values[x], list) else [values[x]] for x in keys]
         axes.append((keys, list(zip(*seqs))))
+    size = math.prod(len(vals) for _, vals in axes)
+    if size > MAX_RUNS:
+        fail(f"{name} has {size:,} runs (the product of its lists), more than {MAX_RUNS:,}: "
+             "split the sweep into several files")
     shown = [k for k in values if isinstance(table[k], list)]
     out = []
     for i, combo in enumerate(itertools.product(*[vals for _, vals in axes])):
