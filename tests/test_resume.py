@@ -288,3 +288,67 @@ def test_newest_checkpoint_stays_in_place_while_the_next_one_is_swapped_in(tmp_p
     train.Trainer.save_checkpoint(trainer)  # the next save goes through: newest and previous
     assert results.safe_torch_load(tmp_path / results.CHECKPOINT)["epoch"] == 2
     assert results.safe_torch_load(tmp_path / results.CHECKPOINT_PREV)["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda s: [], "is damaged (no config object)"),
+    (lambda s: {**s, "final": {**s["final"], "test_acc": "0.9"}}, "test_acc = '0.9' is not a number"),
+    (lambda s: {**s, "lambda_max": 4.2}, "lambda_max is not an object"),
+    (lambda s: {**s, "config": {**s["config"], "batch_size": 16}}, "belongs to a different configuration"),
+])
+def test_damaged_or_foreign_summary_is_one_line(workdirs, capsys, damage, fragment):
+    """A summary.json is trusted only when it is well-formed and this run's."""
+    small = ["digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--abridged_size", "100", "--quiet"]
+    assert cli.main(["train", *small]) == 0
+    path = Path(workdirs) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=1,
+                                                          abridged_size=100)) / "summary.json"
+    path.write_text(json.dumps(damage(json.loads(path.read_text()))))
+    capsys.readouterr()
+    assert cli.main(["train", *small]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and len(err.splitlines()) == 1
+
+
+def test_lambda_file_is_healed_from_the_summary(workdirs, capsys):
+    """A kill between writing leading_eigenvalue_final and summary.json: the next visit makes them agree."""
+    small = ["digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--abridged_size", "100", "--quiet"]
+    assert cli.main(["train", *small]) == 0
+    d = Path(workdirs) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=1,
+                                                       abridged_size=100))
+    lam = json.loads((d / "summary.json").read_text())["lambda_max"]["value"]
+    results.atomic_torch_save(torch.tensor([lam + 1.0], dtype=torch.float64),
+                              d / "leading_eigenvalues" / "leading_eigenvalue_final")
+    assert cli.main(["train", *small]) == 0
+    assert float(torch.load(d / "leading_eigenvalues" / "leading_eigenvalue_final")[0]) == lam
+
+
+def test_force_removes_a_link_not_its_target(workdirs, tmp_path):
+    small = ["digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--abridged_size", "100", "--quiet"]
+    assert cli.main(["train", *small]) == 0
+    d = Path(workdirs) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=1,
+                                                       abridged_size=100))
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    (d / "linked").symlink_to(target, target_is_directory=True)
+    assert cli.main(["train", *small, "--force"]) == 0
+    assert not (d / "linked").exists() and (target / "keep.txt").read_text() == "mine"
+
+
+def test_sigterm_while_measuring_lambda_max_says_so_and_resumes(workdirs, monkeypatch, capsys):
+    small = ["digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--abridged_size", "100", "--quiet"]
+    real = train.lambda_max_record
+
+    def killed(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "lambda_max_record", killed)
+    assert cli.main(["train", *small]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "while measuring λmax" in err and "Traceback" not in err
+    monkeypatch.setattr(train, "lambda_max_record", real)
+    assert cli.main(["train", *small]) == 0
+    d = Path(workdirs) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=1,
+                                                       abridged_size=100))
+    assert json.loads((d / "summary.json").read_text())["lambda_max"]["value"] > 0

@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -240,3 +241,47 @@ def test_unexpected_os_error_is_one_line(capsys, monkeypatch):
     args.func = denied
     assert cli.dispatch(args) == 2
     assert capsys.readouterr().err == "error: Permission denied: /srv/results/run\n"
+
+
+def test_divergence_caught_by_the_evaluation_is_recorded(workdirs):
+    """Full-batch GD whose update overflows between evaluations: diverged_at still says where."""
+    args = ["digits", "mlp_p=0", "1500", "10", "--physical_batch_size", "500", "--max_epochs", "5", "--quiet"]
+    assert cli.main(["train", *args]) == 0
+    s = _summary(workdirs, "digits", "mlp_p=0", 1500, 10.0, physical_batch_size=500, max_epochs=5)
+    assert s["status"] == "diverged" and s["diverged_at"] is not None
+    loss = s["diverged_at"]["loss"]  # NaN or inf, which JSON stores as null
+    assert s["diverged_at"]["step"] == s["steps"] and (loss is None or not math.isfinite(loss))
+
+
+def test_gpu_style_check_never_checkpoints_past_a_non_finite_step(workdirs, monkeypatch):
+    """A stop request between the 20-step looks: the run ends as diverged at its first bad step,
+    instead of saving NaN parameters and losing that step."""
+    argv = ["train", "digits", "mlp_p=0", "32", "1e6", "--max_epochs", "2", "--quiet"]
+    assert cli.main(argv) == 0
+    every_step = _summary(workdirs, "digits", "mlp_p=0", 32, 1e6, max_epochs=2)["diverged_at"]
+    assert every_step["step"] < 10
+    monkeypatch.setattr(train, "_check_interval", lambda device: 20)
+    real, calls = train.sgd_step, []
+
+    def step_then_sigterm(*a, **kw):
+        calls.append(1)
+        if len(calls) == every_step["step"] + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(train, "sgd_step", step_then_sigterm)
+    assert cli.main([*argv, "--force"]) == 0
+    s = _summary(workdirs, "digits", "mlp_p=0", 32, 1e6, max_epochs=2)
+    assert s["status"] == "diverged" and s["diverged_at"] == every_step
+
+
+def test_eig_freq_values_keep_their_settings(workdirs, capsys):
+    """eigs.csv cannot be measured again: a finished --eig_freq run refuses a new abridged_size."""
+    argv = ["train", "digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--eig_freq", "10", "--quiet",
+            "--abridged_size", "100"]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main([*argv[:-1], "300"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "eigs.csv" in err and "abridged_size=100" in err and len(err.splitlines()) == 1
+    assert cli.main([*argv, "--between_iterates"]) == 0  # between iterates: final λmax only, allowed

@@ -115,6 +115,7 @@ class RunOptions:
 
 
 MEASUREMENT_FIELDS = ("abridged_size", "disable_dropout", "between_iterates")
+EIG_FREQ_FIELDS = ("abridged_size", "disable_dropout")  # the protocol of eigs.csv's values
 NOT_TRAINING_FIELDS = MEASUREMENT_FIELDS + ("save_freq",)  # may change when a run resumes
 
 
@@ -125,6 +126,17 @@ def remeasure_fields(summary: dict, wanted: dict) -> list[str]:
         return []
     stored = results.json_object(summary.get("config"))
     return [k for k in MEASUREMENT_FIELDS if stored.get(k) != wanted.get(k)]
+
+
+def _check_eigs_protocol(cfg: "RunConfig", stored: dict, path: Path) -> None:
+    """eigs.csv (λmax during training) cannot be measured again: its settings must not change."""
+    changed = [k for k in EIG_FREQ_FIELDS if stored.get(k) != getattr(cfg, k)]
+    if cfg.eig_freq and changed:
+        raise SharpnessError(
+            f"{path} was trained with --eig_freq and " + ", ".join(f"{k}={stored.get(k)}" for k in changed)
+            + "; its eigs.csv (λmax during training) cannot be measured again with "
+            + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed) + " without training again: "
+            "use the stored settings, or --force to train again")
 
 
 def check_seed(name: str, value: int) -> None:
@@ -225,6 +237,24 @@ class Interrupted(SharpnessError):
         self.exit_code = 128 + signum
 
 
+@contextlib.contextmanager
+def _stop_at_once(what: str, run_dir: Path):
+    """SIGTERM / Ctrl-C abandon `what` at once (the last epoch's checkpoint is already saved)."""
+    def handle(signum, frame):
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} while {what}; the training is saved "
+                          f"in {run_dir}; run the same command to finish", signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
 # -- the run ------------------------------------------------------------------------------------
 
 def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None) -> dict:
@@ -243,6 +273,7 @@ def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None
     with results.RunLock(run_dir):
         summary = results.read_summary(run_dir)
         if summary is not None and not opts.force:
+            _check_summary(run_dir, summary, cfg)
             return _finished(run_dir, summary, cfg, data, device, log)
         if opts.force:
             _clear_run(run_dir)
@@ -267,10 +298,34 @@ def _clear_run(run_dir: Path) -> None:
     for entry in run_dir.iterdir():
         if entry.name == results.LOCK:
             continue
-        if entry.is_dir():
+        if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
-            entry.unlink()
+            entry.unlink()  # a link is removed, never what it points to
+
+
+def _check_summary(run_dir: Path, summary: object, cfg: RunConfig) -> None:
+    """A finished run's summary.json must be this run's and well-formed before it is trusted."""
+    path = run_dir / results.SUMMARY
+    damaged = (f"{path} is damaged ({{}}); move it away to finish the run from its checkpoint, "
+               "or use --force to train again")
+    if not isinstance(summary, dict) or not isinstance(summary.get("config"), dict):
+        raise SharpnessError(damaged.format("no config object"))
+    try:
+        stored = RunConfig(**summary["config"])
+    except TypeError as exc:
+        raise SharpnessError(damaged.format(f"config: {exc}")) from None
+    if stored.training_identity() != cfg.training_identity():
+        raise SharpnessError(f"{path} belongs to a different configuration; use --force to start this run over")
+    for key in ("final", "lambda_max"):
+        if summary.get(key) is not None and not isinstance(summary[key], dict):
+            raise SharpnessError(damaged.format(f"{key} is not an object"))
+    for key, value in [("test_acc", (summary.get("final") or {}).get("test_acc")),
+                       ("lambda_max", (summary.get("lambda_max") or {}).get("value"))]:
+        if value is not None and results.json_number(value) is None:
+            raise SharpnessError(damaged.format(f"{key} = {value!r} is not a number"))
+    if summary.get("status") != "diverged":
+        _check_eigs_protocol(cfg, summary["config"], run_dir)
 
 
 def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log) -> dict:
@@ -286,6 +341,8 @@ def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, devic
     else:
         log(f"run already finished ({summary.get('status')}); showing the stored result "
             "(--force trains again)")
+        if summary.get("lambda_max") and not _lambda_files_agree(run_dir, summary["lambda_max"]):
+            write_lambda_files(run_dir, summary["lambda_max"])  # a kill between the two writes: heal
     _write(final_line(summary))
     _write(f"results: {run_dir}")
     return summary
@@ -293,8 +350,8 @@ def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, devic
 
 def final_line(summary: dict) -> str:
     """The original eval.py line: final test accuracy and max Hessian eigenvalue."""
-    acc = (summary.get("final") or {}).get("test_acc")
-    lam = (summary.get("lambda_max") or {}).get("value")
+    acc = results.json_number(results.json_object(summary.get("final")).get("test_acc"))
+    lam = results.json_number(results.json_object(summary.get("lambda_max")).get("value"))
     acc_s = f"{acc:.4f}" if acc is not None else "nan"
     lam_s = f"{lam:.4f}" if lam is not None else "nan"
     return f"[final test accuracy = {acc_s}]\t[max hessian eigenvalue = {lam_s}]"
@@ -333,6 +390,15 @@ def _measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, 
             results.atomic_torch_save({k: v.cpu() for k, v in extra.items()}, extra_path)
         return between_iterates_record(model, extra, X, y, cfg, progress=progress)
     return {**lambda_max_record(model, X, y, cfg, progress=progress), "between_iterates": False}
+
+
+def _lambda_files_agree(run_dir: Path, record: dict) -> bool:
+    """Whether leading_eigenvalue_final holds the summary's λmax (False when missing or unreadable)."""
+    try:
+        stored = results.safe_torch_load(run_dir / "leading_eigenvalues" / "leading_eigenvalue_final")
+        return float(stored[0]) == float(record["value"])
+    except (SharpnessError, OSError, TypeError, ValueError, IndexError, KeyError):
+        return False
 
 
 def write_lambda_files(run_dir: Path, record: dict) -> None:
@@ -411,7 +477,10 @@ class Trainer:
         buf = io.BytesIO()
         torch.save(state, buf)
         tmp = self.run_dir / f".checkpoint.next{results.TMP_SUFFIX}"
-        results.atomic_write_bytes(tmp, buf.getvalue())
+        try:
+            results.atomic_write_bytes(tmp, buf.getvalue())
+        except SharpnessError as exc:  # name the checkpoint, not the staging file
+            raise SharpnessError(str(exc).replace(str(tmp), str(path))) from None
         try:
             if path.exists():
                 _keep_previous(path, prev)
@@ -439,6 +508,8 @@ class Trainer:
             if stored != self.cfg.training_identity():
                 raise SharpnessError(f"{path} belongs to a different configuration; "
                                      "use --force to start this run over")
+            if state.get("eigs"):  # λmax values already in eigs.csv: the rest must use their settings
+                _check_eigs_protocol(self.cfg, state["config"], self.run_dir)
             try:
                 self.load_state(state)
             except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -505,10 +576,19 @@ class Trainer:
                     self.save_epoch_files()
                     self.save_checkpoint()
                 status = stop_status(self.epoch, self.history[self.epoch], cfg)
+                if status == "diverged" and self.diverged_at is None:  # caught by the evaluation
+                    h = self.history[self.epoch]
+                    loss = h["train_loss"] if not math.isfinite(h["train_loss"]) else h["test_loss"]
+                    which = "training" if not math.isfinite(h["train_loss"]) else "test"
+                    status = self._diverged(f"the {which} loss at the evaluation became {loss}", loss)
                 if status is None:
                     status = self.train_epoch(stop, started)
                     bar.update(1)
             self.wall = time.perf_counter() - started
+            if stop.signal is not None and status != "diverged":  # asked during the last evaluation
+                raise Interrupted(f"stopped by {signal.Signals(stop.signal).name} before measuring λmax; "
+                                  f"the training is saved in {self.run_dir}; run the same command to finish",
+                                  stop.signal)
         return self.finish(status)
 
     def evaluate_epoch(self) -> dict:
@@ -536,6 +616,9 @@ class Trainer:
         self.model.train()
         while self.batch < batches:
             if stop.signal is not None:
+                if check_every > 1 and int(first_bad) >= 0:  # never checkpoint past a non-finite step
+                    return self._diverged(f"the training loss became {float(bad_loss)}", float(bad_loss),
+                                          step=int(first_bad))
                 self.wall = time.perf_counter() - started
                 self.save_checkpoint()
                 name = signal.Signals(stop.signal).name
@@ -602,7 +685,8 @@ class Trainer:
                                       d / "snapshot_final")
             self.log(f"measuring λmax on {min(cfg.abridged_size, len(self.data.y_train))} training "
                      "examples ...")
-            lam = measure_final(self.model, d, cfg, self.data, self.device, progress=not self.opts.quiet)
+            with _stop_at_once("measuring λmax", d):
+                lam = measure_final(self.model, d, cfg, self.data, self.device, progress=not self.opts.quiet)
             write_lambda_files(d, lam)
         if status == "diverged":
             self.log("the run diverged: no λmax is measured")
