@@ -439,3 +439,15 @@ def test_ray_executor_on_a_real_cluster_survives_a_killed_worker(tmp_path, ray_c
     assert done[slow]["resumed"] is True  # the retry continued from the killed worker's checkpoint
     assert not list((tmp_path / "res").rglob(sweep.FAILED))
     assert not list((tmp_path / "res").glob(".sweep-marker-*"))
+    # a run asking for more CPUs than any node has could never start: an error, not a silent wait
+    big = write(tmp_path, TINY + """
+        [sweep]
+        results = "res2"
+        cpus_per_run = 4
+        [grid]
+        lr = 0.1
+        batch_size = 32
+        """, name="big.toml")
+    proc = subprocess.run([*MAIN, "sweep", str(big), "--executor", "ray", "--address", address],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "largest node of the Ray cluster has 2 CPUs" in proc.stderr, proc.stderr
