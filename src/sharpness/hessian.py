@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 
@@ -506,8 +507,6 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
 
 def _caller_level() -> int:
     """The warnings stacklevel of the first frame outside this module (the user's call)."""
-    import sys
-
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
