@@ -352,3 +352,22 @@ def test_sigterm_while_measuring_lambda_max_says_so_and_resumes(workdirs, monkey
     d = Path(workdirs) / results.run_relpath(RunConfig("digits", "mlp_p=0", 100, 0.05, max_epochs=1,
                                                        abridged_size=100))
     assert json.loads((d / "summary.json").read_text())["lambda_max"]["value"] > 0
+
+
+def test_finished_run_on_a_read_only_file_system_shows_its_result(workdirs, monkeypatch, capsys):
+    """No lock can be written (EROFS): a finished run is still shown; training would need writes."""
+    small = ["digits", "mlp_p=0", "100", "0.05", "--max_epochs", "1", "--abridged_size", "100", "--quiet"]
+    assert cli.main(["train", *small]) == 0
+    capsys.readouterr()
+    real_open = results.os.open
+
+    def read_only(path, flags, *a):
+        if str(path).endswith(results.LOCK) or flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(results.os, "open", read_only)
+    assert cli.main(["train", *small]) == 0
+    assert "[final test accuracy" in capsys.readouterr().out
+    assert cli.main(["train", *small[:-3], "--abridged_size", "200", "--quiet"]) == 2  # would re-measure
+    assert "Read-only file system" in capsys.readouterr().err

@@ -188,6 +188,8 @@ def _err(capsys, code, argv):
     (["train", "digits", "resnet", "32", "0.1"], "valid architectures"),
     (["train", "digits", "mlp_p=0", "32", "0"], "lr must be"),
     (["train", "digits", "mlp_p=0", "32", "-0.1"], "lr must be"),
+    (["train", "digits", "mlp_p=0", "32", "-1e-3"], "lr must be"),  # not "lr is required"
+    (["train", "digits", "mlp_p=0", "32", "0.1", "--acc_goal", "-inf"], "acc_goal must be"),
     (["train", "digits", "mlp_p=0", "32", "nan"], "lr must be"),
     (["train", "digits", "mlp_p=0", "0", "0.1"], "positive integer"),
     (["train", "digits", "mlp_p=0", "5000", "0.1"], "larger than the training set"),

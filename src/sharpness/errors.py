@@ -15,3 +15,7 @@ class DataUnavailable(SharpnessError):
 
 class RunLocked(SharpnessError):
     """Another live process holds the run directory."""
+
+
+class ReadOnlyRun(SharpnessError):
+    """The run directory cannot be written (a read-only file system or no permission)."""

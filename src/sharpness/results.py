@@ -236,12 +236,13 @@ class RunLock:
     def __enter__(self) -> "RunLock":
         import fcntl
 
-        from .errors import RunLocked
+        from .errors import ReadOnlyRun, RunLocked
 
         try:
             self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise SharpnessError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            kind = ReadOnlyRun if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else SharpnessError
+            raise kind(f"cannot write {self.path}: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

@@ -27,7 +27,7 @@ from torch import nn
 
 from . import __version__, results
 from .data import Dataset, check_dataset_name, load_dataset
-from .errors import SharpnessError
+from .errors import ReadOnlyRun, SharpnessError
 from .hessian import NonFiniteError
 from .measure import abridged, between_iterates_record, extra_iterate, lambda_max_record
 from .models import build_model, check_arch_name, check_compatible
@@ -270,7 +270,16 @@ def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None
     except OSError as exc:
         raise SharpnessError(f"cannot create {run_dir}: {exc.strerror or exc}") from None
     log = (lambda *a: None) if opts.quiet else _write
-    with results.RunLock(run_dir):
+    lock = results.RunLock(run_dir)
+    try:
+        lock.__enter__()
+    except ReadOnlyRun:  # a read-only archive of finished runs can still be shown
+        summary = results.read_summary(run_dir)
+        if summary is None or opts.force or remeasure_fields(summary, cfg.identity()):
+            raise
+        _check_summary(run_dir, summary, cfg)
+        return _finished(run_dir, summary, cfg, data, device, log, writable=False)
+    try:
         summary = results.read_summary(run_dir)
         if summary is not None and not opts.force:
             _check_summary(run_dir, summary, cfg)
@@ -279,6 +288,8 @@ def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None
             _clear_run(run_dir)
         results.remove_stale_temporaries(run_dir)
         return Trainer(cfg, opts, data, device, run_dir, log).run()
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _write(*args) -> None:
@@ -328,7 +339,8 @@ def _check_summary(run_dir: Path, summary: object, cfg: RunConfig) -> None:
         _check_eigs_protocol(cfg, summary["config"], run_dir)
 
 
-def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log) -> dict:
+def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log,
+              writable: bool = True) -> dict:
     """A finished run is not trained again; a changed λmax setting is measured anew."""
     changed = remeasure_fields(summary, cfg.identity())
     if changed:
@@ -341,7 +353,7 @@ def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, devic
     else:
         log(f"run already finished ({summary.get('status')}); showing the stored result "
             "(--force trains again)")
-        if summary.get("lambda_max") and not _lambda_files_agree(run_dir, summary["lambda_max"]):
+        if writable and summary.get("lambda_max") and not _lambda_files_agree(run_dir, summary["lambda_max"]):
             write_lambda_files(run_dir, summary["lambda_max"])  # a kill between the two writes: heal
     _write(final_line(summary))
     _write(f"results: {run_dir}")
