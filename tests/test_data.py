@@ -117,3 +117,50 @@ def test_default_datasets_dir(monkeypatch, tmp_path):
     monkeypatch.delenv("DATASETS", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert data.datasets_dir() == tmp_path / "sharpness" / "datasets"
+
+
+def test_cache_follows_the_raw_files(tmp_path):
+    """New raw files (another download, a repaired file) are prepared again, subsets included."""
+    write_fashion_mnist(tmp_path, n_train=120)
+    data.load_dataset("fashion_mnist_1k", tmp_path)
+    raw = write_fashion_mnist(tmp_path, n_train=180, seed=1)
+    d = data.load_dataset("fashion_mnist", tmp_path)
+    assert len(d.y_train) == 180 and d.y_train.tolist() == raw["train_labels"]
+    small = data.load_dataset("fashion_mnist_1k", tmp_path)
+    assert torch.equal(small.X_train, d.X_train[::60])
+
+
+def _idx_file(tmp_path, name):
+    return tmp_path / "FashionMNIST" / "raw" / name
+
+
+@pytest.mark.parametrize("damage, fragment", [
+    (lambda p: p.write_bytes(b"\x12\x34\x56\x78" + p.read_bytes()[4:]), "damaged"),
+    (lambda p: p.write_bytes(b"\x00\x00\x09\x03" + p.read_bytes()[4:]), "damaged"),
+    (lambda p: p.write_bytes(p.read_bytes()[:8 + 50]), "damaged"),  # truncated: 120 -> 50 labels
+    (lambda p: p.write_bytes(p.read_bytes()[:4] + (100).to_bytes(4, "big") + p.read_bytes()[8:108]),
+     "120 images but 100 labels"),
+    (lambda p: p.write_bytes(p.read_bytes()[:8] + bytes([200]) + p.read_bytes()[9:]), "labels outside 0..9"),
+])
+def test_damaged_raw_files_are_one_clear_error(tmp_path, damage, fragment):
+    """A damaged idx file is an error naming it, never a traceback or a silently wrong dataset."""
+    write_fashion_mnist(tmp_path)
+    damage(_idx_file(tmp_path, "train-labels-idx1-ubyte"))
+    with pytest.raises(DataUnavailable) as err:
+        data.load_dataset("fashion_mnist", tmp_path)
+    assert fragment in str(err.value) and "FashionMNIST" in str(err.value)
+    assert "download failed" not in str(err.value)  # the files are there: nothing was downloaded
+    assert not (tmp_path / "prepared" / data.CACHE_VERSION / "fashion_mnist.pt").exists()
+
+
+def test_data_command_reports_a_source_once(tmp_path, monkeypatch, capsys):
+    from sharpness import cli
+
+    write_fashion_mnist(tmp_path)
+    damage = _idx_file(tmp_path, "t10k-labels-idx1-ubyte")
+    damage.write_bytes(b"\x12\x34\x56\x78" + damage.read_bytes()[4:])
+    monkeypatch.setenv("DATASETS", str(tmp_path))
+    assert cli.main(["data", "fashion_mnist", "fashion_mnist_1k"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("fashion_mnist is not available") == 1 and "subset of fashion_mnist" in err
+    assert "Traceback" not in err

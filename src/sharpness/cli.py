@@ -146,13 +146,17 @@ def cmd_data(args: argparse.Namespace) -> int:
     names = args.names or list(DATASETS)
     for name in names:
         check_dataset_name(name)
-    failed = 0
+    failed: set[str] = set()  # sources that could not be prepared: their subsets are not tried again
     for name in names:
+        source = DATASETS[name][0]
+        if source in failed:
+            print(f"error: {name} is a subset of {source}, which is not available (above)\n", file=sys.stderr)
+            continue
         try:
             d = load_dataset(name)
         except DataUnavailable as exc:
             print(f"error: {exc}\n", file=sys.stderr)
-            failed += 1
+            failed.add(source)
             continue
         print(f"{name}: {len(d.y_train)} train / {len(d.y_test)} test examples of "
               f"{'x'.join(map(str, d.input_shape))}, {d.num_classes} classes")
@@ -238,7 +242,9 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def script_main(command: str, argv: list[str] | None = None) -> int:
     """The original scripts: src/train.py, src/eval.py (run arguments), src/preprocess_data.py."""
-    parser = Parser(prog=f"{command}.py", description=DESCRIPTION)
+    name = "data" if command == "preprocess_data" else command
+    description = next(d for n, _, d, _, _ in commands() if n == name)
+    parser = Parser(prog=f"{command}.py", description=description)
     if command == "preprocess_data":
         add_data_arguments(parser)
         parser.set_defaults(func=cmd_data)

@@ -100,12 +100,15 @@ def load_dataset(name: str, root: Path | None = None) -> Dataset:
     check_dataset_name(name)
     root = Path(root) if root is not None else datasets_dir()
     cached = _cache_path(root, name)
+    source, stride = DATASETS[name]
+    raw = _raw_fingerprint(source, root)  # None when the raw files are gone: the cache is all there is
     if cached.exists():
         try:
-            return Dataset(name, **_read_cache(cached))
+            data = _read_cache(cached)
+            if raw is None or data.get("raw") == raw:  # prepared from these very raw files
+                return Dataset(name, **{k: data[k] for k in _TENSORS})
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
-    source, stride = DATASETS[name]
     if stride is None:
         tensors = _prepare_source(source, root)
     else:
@@ -114,7 +117,7 @@ def load_dataset(name: str, root: Path | None = None) -> Dataset:
         te = torch.arange(0, len(full.y_test), stride)
         tensors = dict(X_train=full.X_train[tr].clone(), y_train=full.y_train[tr].clone(),
                        X_test=full.X_test[te].clone(), y_test=full.y_test[te].clone())
-    _write_cache(cached, tensors)
+    _write_cache(cached, {**tensors, "raw": raw})
     return Dataset(name, **tensors)
 
 
@@ -137,9 +140,33 @@ def _cache_path(root: Path, name: str) -> Path:
     return root / "prepared" / CACHE_VERSION / f"{name}.pt"
 
 
-def _read_cache(path: Path) -> dict[str, torch.Tensor]:
+_TENSORS = ("X_train", "y_train", "X_test", "y_test")
+
+
+def _read_cache(path: Path) -> dict:
     data = torch.load(path, map_location="cpu", weights_only=True)
-    return {k: data[k] for k in ("X_train", "y_train", "X_test", "y_test")}
+    return {k: data[k] for k in _TENSORS} | {"raw": data.get("raw")}
+
+
+def _raw_files(source: str, root: Path) -> list[Path]:
+    """The raw files a source is prepared from (none for digits, which ships with scikit-learn)."""
+    if source == "cifar10":
+        return [root / "cifar-10-batches-py" / f for f in _CIFAR_FILES]
+    if source == "fashion_mnist":
+        return [root / "FashionMNIST" / "raw" / f for f in _FASHION_FILES]
+    return []
+
+
+def _raw_fingerprint(source: str, root: Path) -> list | None:
+    """Name, size and modification time of every raw file; None when any is missing."""
+    out = []
+    for f in _raw_files(source, root):
+        try:
+            st = f.stat()
+        except OSError:
+            return None
+        out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out or None
 
 
 def _write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -177,27 +204,35 @@ def _raw_torchvision(source: str, root: Path) -> tuple[torch.Tensor, ...]:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if source == "cifar10" else torchvision.datasets.FashionMNIST
+    present = _raw_fingerprint(source, root) is not None
     try:
         train, test = cls(str(root), train=True), cls(str(root), train=False)
-    except RuntimeError:  # not there (or failing torchvision's checksums): download
+    except Exception as exc:  # missing, or failing torchvision's checksums or format checks
+        if present:  # every file is there: damaged, and downloading would not replace it
+            raise DataUnavailable(_missing_message(source, root, exc, damaged=True)) from None
         try:
             root.mkdir(parents=True, exist_ok=True)
             train = cls(str(root), train=True, download=True)
             test = cls(str(root), train=False, download=True)
         except Exception as exc:  # offline, proxy, disk: all end in the same advice
             raise DataUnavailable(_missing_message(source, root, exc)) from None
+    shape = (32, 32, 3) if source == "cifar10" else (28, 28)
     tensors = []
     for split in (train, test):
         data = torch.as_tensor(split.data)
-        if source == "cifar10":
-            X = data.permute(0, 3, 1, 2).contiguous()  # N x 32 x 32 x 3 -> N x 3 x 32 x 32
-        else:
-            X = data.unsqueeze(1)
-        tensors += [X.to(torch.float32) / 255.0, torch.as_tensor(split.targets, dtype=torch.int64)]
+        labels = torch.as_tensor(split.targets, dtype=torch.int64)
+        problem = (f"{len(data)} images but {len(labels)} labels" if len(data) != len(labels) else
+                   f"images of shape {tuple(data.shape[1:])}, not {shape}" if tuple(data.shape[1:]) != shape else
+                   "labels outside 0..9" if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) <= 9
+                   else None)
+        if problem:
+            raise DataUnavailable(_missing_message(source, root, ValueError(problem), damaged=True))
+        X = data.permute(0, 3, 1, 2).contiguous() if source == "cifar10" else data.unsqueeze(1)
+        tensors += [X.to(torch.float32) / 255.0, labels]  # CIFAR: N x 32 x 32 x 3 -> N x 3 x 32 x 32
     return tensors[0], tensors[1], tensors[2], tensors[3]
 
 
-def _missing_message(source: str, root: Path, exc: Exception) -> str:
+def _missing_message(source: str, root: Path, exc: Exception, damaged: bool = False) -> str:
     reason = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:200]
     if source == "cifar10":
         where = root / "cifar-10-batches-py"
@@ -209,7 +244,8 @@ def _missing_message(source: str, root: Path, exc: Exception) -> str:
         files = ", ".join(_FASHION_FILES)
         origin = ("the four Fashion-MNIST idx files, uncompressed "
                   "(http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/)")
-    return (f"{source} is not available: its files are missing or damaged under {where} and the "
-            f"download failed ({reason}). Place {origin} so that these files exist in {where}: "
+    what = (f"its files under {where} are damaged ({reason})" if damaged else
+            f"its files are missing or damaged under {where} and the download failed ({reason})")
+    return (f"{source} is not available: {what}. Place {origin} so that these files exist in {where}: "
             f"{files}. Or set DATASETS to a directory that already holds them "
             f"(now: {root}). Then run the command again.")
