@@ -465,3 +465,14 @@ def test_not_converged_warning_points_at_the_caller(dense):
     with pytest.warns(RuntimeWarning, match="did not converge") as record:
         H.lambda_max(model, X, y, batch_size=chunk, tol=1e-12, max_matvecs=2, dtype=F64)
     assert record[0].filename == __file__
+
+
+def test_wide_band_converges_with_the_default_basis():
+    """A band wider than k (here 13 start vectors for k = 10) still leaves room between restarts."""
+    g = np.random.default_rng(306)
+    ev = np.sort(-g.uniform(0.01, 1, 120))
+    ev[:2] = ev[0]  # a double smallest eigenvalue
+    Q, _ = np.linalg.qr(g.standard_normal((120, 120)))
+    A = torch.tensor(Q @ np.diag(ev) @ Q.T)
+    spec = H.lanczos(lambda v: A @ v, 120, k=10, which="SA", tol=1e-7, block=13, dtype=F64)
+    assert spec.converged and np.allclose(spec.eigenvalues, ev[:10], atol=1e-10)

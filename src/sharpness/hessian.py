@@ -443,7 +443,8 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     width = min(n, k if block is None else int(block))
     if width < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    max_basis = min(n, max(max_basis or max(2 * k + 30, 40), k + 2 * width + 1))
+    # room for several new vectors between restarts, also when the band is wide
+    max_basis = min(n, max(max_basis or max(2 * k + 30, 40) + 2 * (width - 1), k + 2 * width + 1))
     gen = torch.Generator().manual_seed(seed)
     floor = torch.finfo(dtype).eps ** (2 / 3)
     basis = _basis_start(n, gen, device, dtype, start, width)
