@@ -476,3 +476,13 @@ def test_wide_band_converges_with_the_default_basis():
     A = torch.tensor(Q @ np.diag(ev) @ Q.T)
     spec = H.lanczos(lambda v: A @ v, 120, k=10, which="SA", tol=1e-7, block=13, dtype=F64)
     assert spec.converged and np.allclose(spec.eigenvalues, ev[:10], atol=1e-10)
+
+
+def test_an_eigenvector_among_the_start_vectors_does_not_end_the_search():
+    """With a band, every start vector is multiplied before convergence is accepted."""
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((50, 50)))
+    A = torch.tensor(Q @ np.diag(np.linspace(1, 2, 50)) @ Q.T)
+    spec = H.lanczos(lambda v: A @ v, 50, k=1, block=2, tol=1e-8, dtype=F64, start=torch.tensor(Q[:, 0]))
+    assert spec.converged and abs(spec.eigenvalues[0] - 2.0) < 1e-8
+    with pytest.raises(ValueError, match="max_matvecs must be at least k"):
+        H.lanczos(lambda v: A @ v, 50, k=5, dtype=F64, max_matvecs=2)

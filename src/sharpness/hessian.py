@@ -443,6 +443,8 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     width = min(n, k if block is None else int(block))
     if width < 1:
         raise ValueError(f"block must be >= 1, got {block}")
+    if max_matvecs < max(k, width):
+        raise ValueError(f"max_matvecs must be at least k and the block ({max(k, width)}), got {max_matvecs}")
     # room for several new vectors between restarts, also when the band is wide
     max_basis = min(n, max(max_basis or max(2 * k + 30, 40) + 2 * (width - 1), k + 2 * width + 1))
     gen = torch.Generator().manual_seed(seed)
@@ -474,7 +476,8 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         # residual of a Ritz vector V_p s: the part of H V_p s outside V_p, T[p:m+1, :p] s (orthonormal V)
         rel = (np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0)
                / np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30))
-        if len(idx) == k and (np.all(rel < tol) or (full and p == m)):
+        # every start vector multiplied first: an eigenvector among them must not end the search alone
+        if len(idx) == k and p >= width and (np.all(rel < tol) or (full and p == m)):
             converged = True
             break
         if matvecs >= max_matvecs:
