@@ -506,7 +506,8 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         warnings.warn(f"Lanczos did not converge in {matvecs} Hessian-vector products: relative "
                       f"residuals {', '.join(f'{r:.2e}' for r in rel)} > tol {tol:g}", RuntimeWarning,
                       stacklevel=_caller_level())
-    return Spectrum([float(x) for x in theta[idx]], [float(r) for r in rel], matvecs, converged, vectors)
+    return Spectrum([float(x) for x in theta[idx]], [float(r) for r in rel], matvecs, converged, vectors,
+                    extra={"block": width})
 
 
 def _caller_level() -> int:
@@ -600,9 +601,8 @@ def _extreme(model, X, y, k, which, batch_size, mode, dropout, tol, max_matvecs,
     finally:
         if bar is not None:
             bar.close()
-    spec.extra = {"chunk_size": op.batch_size, "chunks": len(op.chunks), "n_examples": op.n_examples,
-                  "graph_reuse_chunks": len(op._graphs or []), "mode": mode, "dropout": dropout,
-                  "block": min(op.numel, k if block is None else int(block))}
+    spec.extra.update(chunk_size=op.batch_size, chunks=len(op.chunks), n_examples=op.n_examples,
+                      graph_reuse_chunks=len(op._graphs or []), mode=mode, dropout=dropout)
     return spec
 
 

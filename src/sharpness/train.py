@@ -214,9 +214,7 @@ class StopRequest:
         self._saved: dict = {}
 
     def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._saved[sig] = signal.signal(sig, self._handle)
+        self._saved = _set_handlers(dict.fromkeys((signal.SIGTERM, signal.SIGINT), self._handle))
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -225,8 +223,15 @@ class StopRequest:
         self.signal = signum
 
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
+        _set_handlers(self._saved)
+
+
+def _set_handlers(handlers: dict) -> dict:
+    """Set signal handlers ({signal: handler}) and return the ones they replace; in threads other
+    than the main one, where handlers cannot be set, nothing happens."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
 
 
 class Interrupted(SharpnessError):
@@ -244,15 +249,11 @@ def _stop_at_once(what: str, run_dir: Path):
         raise Interrupted(f"stopped by {signal.Signals(signum).name} while {what}; the training is saved "
                           f"in {run_dir}; run the same command to finish", signum)
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    saved = {sig: signal.signal(sig, handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+    saved = _set_handlers(dict.fromkeys((signal.SIGTERM, signal.SIGINT), handle))
     try:
         yield
     finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+        _set_handlers(saved)
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -270,26 +271,21 @@ def run(cfg: RunConfig, opts: RunOptions | None = None, root: Path | None = None
     except OSError as exc:
         raise SharpnessError(f"cannot create {run_dir}: {exc.strerror or exc}") from None
     log = (lambda *a: None) if opts.quiet else _write
-    lock = results.RunLock(run_dir)
-    try:
-        lock.__enter__()
-    except ReadOnlyRun:  # a read-only archive of finished runs can still be shown
-        summary = results.read_summary(run_dir)
-        if summary is None or opts.force or remeasure_fields(summary, cfg.identity()):
-            raise
-        _check_summary(run_dir, summary, cfg)
-        return _finished(run_dir, summary, cfg, data, device, log, writable=False)
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(results.RunLock(run_dir))
+        except ReadOnlyRun:  # a read-only archive of finished runs can still be shown
+            summary = results.read_summary(run_dir)
+            if summary is None or opts.force or remeasure_fields(summary, cfg.identity()):
+                raise
+            return _finished(run_dir, summary, cfg, data, device, log, writable=False)
         summary = results.read_summary(run_dir)
         if summary is not None and not opts.force:
-            _check_summary(run_dir, summary, cfg)
             return _finished(run_dir, summary, cfg, data, device, log)
         if opts.force:
             _clear_run(run_dir)
         results.remove_stale_temporaries(run_dir)
         return Trainer(cfg, opts, data, device, run_dir, log).run()
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _write(*args) -> None:
@@ -342,6 +338,7 @@ def _check_summary(run_dir: Path, summary: object, cfg: RunConfig) -> None:
 def _finished(run_dir: Path, summary: dict, cfg: RunConfig, data: Dataset, device, log,
               writable: bool = True) -> dict:
     """A finished run is not trained again; a changed λmax setting is measured anew."""
+    _check_summary(run_dir, summary, cfg)
     changed = remeasure_fields(summary, cfg.identity())
     if changed:
         log(f"run already trained; measuring λmax again for the new {', '.join(changed)}")
