@@ -486,3 +486,71 @@ def test_an_eigenvector_among_the_start_vectors_does_not_end_the_search():
     assert spec.converged and abs(spec.eigenvalues[0] - 2.0) < 1e-8
     with pytest.raises(ValueError, match="max_matvecs must be at least k"):
         H.lanczos(lambda v: A @ v, 50, k=5, dtype=F64, max_matvecs=2)
+
+
+def _noisy_operator(n: int, noise: float, noisy_calls: int, seed: int = 0):
+    """A symmetric matrix whose first `noisy_calls` products carry fresh noise (like rounding) of size noise."""
+    g = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(g.standard_normal((n, n)))
+    A = torch.tensor(Q @ np.diag(np.linspace(0.1, 1.0, n) ** 3) @ Q.T)
+    gen = torch.Generator().manual_seed(seed)
+    calls = [0]
+
+    def matvec(v):
+        calls[0] += 1
+        out = A @ v
+        if calls[0] <= noisy_calls:
+            out = out + noise * torch.randn(n, generator=gen, dtype=F64) / math.sqrt(n)
+        return out
+
+    return A, matvec, calls
+
+
+def _true_residual(A, spec) -> float:
+    u, lam = spec.eigenvectors[0], spec.eigenvalues[0]
+    return float((A @ u - lam * u).norm() / abs(lam))
+
+
+def test_restarted_search_reports_true_residuals():
+    """After a thick restart the converged Ritz vector is multiplied again: the residual is the true one."""
+    A, matvec, calls = _noisy_operator(200, 0.0, 0)
+    spec = H.lanczos(matvec, 200, tol=1e-9, dtype=F64, max_basis=12, eigenvectors=True)
+    assert spec.converged and spec.extra["residuals_checked"] == 1 and spec.matvecs == calls[0]
+    assert spec.residuals[0] == pytest.approx(_true_residual(A, spec), rel=1e-6)
+    easy = H.lanczos(lambda v: A @ v, 200, tol=1e-2, dtype=F64)  # no restart: nothing to check
+    assert easy.converged and easy.matvecs < 40 and easy.extra["residuals_checked"] == 0
+
+
+def test_a_failed_check_restarts_from_the_ritz_vector():
+    """Products that drift from the bookkeeping (here: noise in the first 60) fail the check; the search
+    restarts from the Ritz vector with exact products and its reported residual is the true one."""
+    A, matvec, calls = _noisy_operator(200, 1e-7, 60)
+    spec = H.lanczos(matvec, 200, tol=1e-9, dtype=F64, max_basis=12, eigenvectors=True)
+    assert spec.converged and spec.extra["residuals_checked"] >= 1
+    assert _true_residual(A, spec) < 1e-9
+    assert abs(spec.eigenvalues[0] - 1.0) < 1e-9
+
+
+def test_products_too_coarse_for_tol_end_unconverged_with_the_true_residual():
+    """Every product off by about 1e-6 (like rounding): the bookkeeping's residual falls below 1e-7, the
+    products' cannot; after three failed checks the search ends unconverged with the checked residual."""
+    A, matvec, calls = _noisy_operator(200, 1e-6, 10 ** 9)
+    with pytest.warns(RuntimeWarning, match="fresh products kept the true residuals above tol"):
+        spec = H.lanczos(matvec, 200, tol=1e-7, dtype=F64, max_basis=12, max_matvecs=2000)
+    assert not spec.converged and spec.extra["residuals_checked"] == 3 and spec.matvecs < 2000
+    assert 1e-7 < spec.residuals[0] < 1e-5
+
+
+def test_float32_eigenvalue_at_zero_says_what_limits_it():
+    """Softmax regression has an exact null space: in float32, λmin = 0 cannot reach tol relative to the
+    eps^(2/3)·λmax floor; the warning says why instead of pretending or only counting products."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X, y = torch.tensor(d.data[:500], dtype=torch.float32) / 16, torch.tensor(d.target[:500])
+    model = torch.nn.Linear(64, 10)
+    with pytest.warns(RuntimeWarning, match="finer than 32-bit products resolve .dtype=torch.float64"):
+        spec = H.bottom_eigenvalues(model, X, y, batch_size=500, max_matvecs=60)
+    assert not spec.converged
+    top = H.lambda_max(model, X, y, batch_size=500)
+    assert abs(spec.eigenvalues[0]) < 1e-5 * top

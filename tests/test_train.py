@@ -1,6 +1,7 @@
 """Training runs end to end: the original scripts, files, statuses, determinism, bad input."""
 
 import csv
+import errno
 import json
 import math
 import os
@@ -164,6 +165,30 @@ def test_between_iterates(workdirs):
     assert plain["value"] == pytest.approx(lam["between_values"][0], rel=1e-4)
     # the eight values of the earlier protocol do not stay next to the new λmax
     assert not (d / "leading_eigenvalues" / "leading_eigenvalue_between_iterates").exists()
+
+
+def test_eval_between_iterates_of_a_read_only_run(workdirs, monkeypatch, capsys):
+    """eval needs no writes: the extra step is recomputed and used when it cannot be kept."""
+    args = ["digits", "mlp_p=0", "100", "0.05", "--quiet", "--between_iterates", "--max_epochs", "2"]
+    assert cli.main(["train", *args]) == 0
+    d = run_dir(workdirs, "digits", "mlp_p=0", 100, 0.05, max_epochs=2)
+    stored = json.loads((d / "summary.json").read_text())["lambda_max"]["value"]
+    (d / "snapshot_extra_iter").unlink()
+    capsys.readouterr()
+    real_open = results.os.open
+
+    def read_only(path, flags, *a):
+        if flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(results.os, "open", read_only)
+    monkeypatch.setattr(results.tempfile, "mkstemp", lambda *a, **k: read_only("x", os.O_CREAT))
+    assert cli.main(["eval", *args]) == 0
+    out, err = capsys.readouterr()
+    assert f"[max hessian eigenvalue = {stored:.4f}]" in out
+    assert "Read-only file system" in err and "without being kept" in err and "Traceback" not in err
+    assert not (d / "snapshot_extra_iter").exists()
 
 
 def test_eval_mode_measurement_with_disable_dropout(workdirs):

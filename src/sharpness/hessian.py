@@ -432,8 +432,12 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     grow the Krylov space together, so an eigenvalue repeated up to `block` times is found as often
     (one start vector finds one copy of each). It stops when every wanted Ritz value has a relative
     residual ||Hv - λv|| / |λ| below `tol` (for |λ| below eps^(2/3) times the largest |Ritz value|,
-    relative to that floor instead). The first start vector is `start` when given (any nonzero
-    vector), the others are random vectors drawn from `seed`.
+    relative to that floor instead). After a thick restart, whose bookkeeping can drift from the true
+    products in low precision, and whenever tol·|λ| comes within a thousand rounding units of the
+    products, converged Ritz vectors are multiplied once more and their true residuals decide (and
+    are reported); a failed check restarts the search from them, three checks at most.
+    The first start vector is `start` when given (any nonzero vector), the others are random
+    vectors drawn from `seed`. `max_matvecs` bounds the search; a check may add `block` products.
     """
     _check_k_tol(k, tol)
     if k > n:
@@ -452,9 +456,15 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     basis = _basis_start(n, gen, device, dtype, start, width)
     T = np.zeros((max_basis + 1, max_basis + 1))  # V^T H V; column j is known once v_j is multiplied
     p, matvecs, converged = 0, 0, False  # rows 0..p-1 of the basis are multiplied, the rest wait
+    restarted, checks, limit = False, 0, False
+    eps = torch.finfo(dtype).eps
+    pending: list[torch.Tensor] = []  # products already known for the next rows (after a failed check)
     while True:
-        w = matvec(basis.row(p))
-        matvecs += 1
+        if pending:
+            w = pending.pop(0)
+        else:
+            w = matvec(basis.row(p))
+            matvecs += 1
         m = basis.m
         w, c, beta = _orthogonal_step(basis, w)
         T[:m, p] = c
@@ -474,12 +484,36 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         order = np.argsort(-theta) if which == "LA" else np.argsort(theta)
         idx = order[:k]
         # residual of a Ritz vector V_p s: the part of H V_p s outside V_p, T[p:m+1, :p] s (orthonormal V)
-        rel = (np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0)
-               / np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30))
+        scale = np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30)
+        rel = np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0) / scale
         # every start vector multiplied first: an eigenvector among them must not end the search alone
-        if len(idx) == k and p >= width and (np.all(rel < tol) or (full and p == m)):
-            converged = True
-            break
+        exact = full and p == m
+        if len(idx) == k and p >= width and not pending and (np.all(rel < tol) or exact):
+            # tol·|λ| within a thousand rounding units of the products: the bookkeeping may be finer
+            fine = np.any(tol * scale < 1000 * eps * np.abs(theta).max())
+            if exact or not (restarted or checks or fine):
+                converged = True
+                break
+            # a restarted bookkeeping (or one after a failed check), or a residual near the rounding
+            # of the products, says converged: the true residuals of fresh products decide
+            U, W, rel = _checked(matvec, basis, theta, S, order[:width], p, floor)
+            matvecs += width
+            rel = rel[:k]
+            checks += 1
+            if np.all(rel < tol):
+                converged = True
+                break
+            if checks == 3 or matvecs >= max_matvecs:
+                limit = checks == 3
+                break
+            # restart from the Ritz vectors, whose products are known: fresh, exact bookkeeping
+            basis = _Basis(n, device, dtype)
+            for u in U:
+                basis.append(u)
+            pending = list(W)
+            T[:] = 0.0
+            p, restarted = 0, False
+            continue
         if matvecs >= max_matvecs:
             break
         if full:
@@ -497,17 +531,41 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
             T[np.arange(q), np.arange(q)] = theta[keep]
             T[q:q + waiting + 1, :q] = coupling
             T[:q, q:q + waiting + 1] = coupling.T
-            p = q
+            p, restarted = q, True
         basis.append(w)
     Y = np.zeros((len(idx), basis.m))
     Y[:, :p] = S[:, idx].T
     vectors = basis.combinations(Y) if eigenvectors else None
     if not converged:
+        why, bits = "", torch.finfo(dtype).bits
+        if _near_zero(theta, idx, floor) and tol * floor < 100 * eps:  # below rounding at zero
+            why = f": within eps^(2/3)·λmax of zero, a residual this small is finer than {bits}-bit products resolve"
+        elif limit:
+            why = f": fresh products kept the true residuals above tol; {bits}-bit products do not resolve more"
+        if why and dtype != torch.float64:
+            why += " (dtype=torch.float64 does)"
         warnings.warn(f"Lanczos did not converge in {matvecs} Hessian-vector products: relative "
-                      f"residuals {', '.join(f'{r:.2e}' for r in rel)} > tol {tol:g}", RuntimeWarning,
+                      f"residuals {', '.join(f'{r:.2e}' for r in rel)} > tol {tol:g}{why}", RuntimeWarning,
                       stacklevel=_caller_level())
     return Spectrum([float(x) for x in theta[idx]], [float(r) for r in rel], matvecs, converged, vectors,
-                    extra={"block": width})
+                    extra={"block": width, "residuals_checked": checks})
+
+
+def _checked(matvec, basis: _Basis, theta: np.ndarray, S: np.ndarray, sel: np.ndarray, p: int,
+             floor: float) -> tuple[torch.Tensor, list[torch.Tensor], np.ndarray]:
+    """The Ritz vectors `sel` (rows), their fresh products, and their true relative residuals."""
+    Y = np.zeros((len(sel), basis.m))
+    Y[:, :p] = S[:, sel].T
+    U = basis.combinations(Y)
+    W = [matvec(u) for u in U]
+    true = torch.stack([(w - float(theta[j]) * u).norm() for w, u, j in zip(W, U, sel)])
+    scale = np.maximum(np.maximum(np.abs(theta[sel]), floor * np.abs(theta).max()), 1e-30)
+    return U, W, true.double().cpu().numpy() / scale
+
+
+def _near_zero(theta: np.ndarray, idx: np.ndarray, floor: float) -> bool:
+    """Whether every wanted Ritz value is within floor times the largest |Ritz value| of zero."""
+    return bool(np.all(np.abs(theta[idx]) <= floor * np.abs(theta).max()))
 
 
 def _caller_level() -> int:

@@ -396,7 +396,10 @@ def _measure_final(model, run_dir: Path, cfg: RunConfig, data: Dataset, device, 
         else:
             with _numerics(cfg):  # the extra step is a training step: the run's TF32 and bf16 settings
                 extra = extra_iterate(model, data, cfg, device, autocast=_autocast(cfg, device))
-            results.atomic_torch_save({k: v.cpu() for k, v in extra.items()}, extra_path)
+            try:
+                results.atomic_torch_save({k: v.cpu() for k, v in extra.items()}, extra_path)
+            except SharpnessError as exc:  # e.g. eval of a read-only archive: the step is deterministic
+                _warn(f"{exc}; the extra step is used without being kept")
         return between_iterates_record(model, extra, X, y, cfg, progress=progress)
     return {**lambda_max_record(model, X, y, cfg, progress=progress), "between_iterates": False}
 
