@@ -48,6 +48,8 @@ def test_fashion_mnist_from_torchvision_layout(tmp_path):
     ok = np.isfinite(tr).all(axis=0)
     assert np.allclose(d.X_train.numpy()[:, ok], tr[:, ok], atol=1e-5)
     assert d.y_train.tolist() == raw["train_labels"]
+    assert np.allclose(d.X_test.numpy()[:, ok], te[:, ok], atol=1e-5)  # standardized with the train statistics
+    assert d.y_test.tolist() == raw["test_labels"]
     small = data.load_dataset("fashion_mnist_1k", tmp_path)
     assert torch.equal(small.X_train, d.X_train[::60]) and torch.equal(small.X_test, d.X_test[::60])
 

@@ -46,7 +46,7 @@ def test_top_eigenvalues_match_dense(dense, name):
     model, X, y, chunk, mode, dropout, ev = dense[name]
     spec = H.top_eigenvalues(model, X, y, k=3, batch_size=chunk, mode=mode, dropout=dropout,
                              tol=1e-6, dtype=F64)
-    assert spec.converged
+    assert spec.converged and len(spec.eigenvalues) == len(spec.residuals) == 3
     expected = ev.flip(0)[:3].tolist()
     for got, want in zip(spec.eigenvalues, expected):
         assert abs(got - want) / abs(want) < 1e-4, (name, spec.eigenvalues, expected)
@@ -112,6 +112,13 @@ def _one_chunk_bytes(model, X, y, chunk, mode):
 def test_check_hvp(dense, name):
     model, X, y, chunk, mode, dropout, ev = dense[name]
     assert H.check_hvp(model, X, y, batch_size=chunk, mode=mode, dropout=dropout) < 1e-4
+
+
+def test_check_hvp_sees_a_wrong_product(dense, monkeypatch):
+    model, X, y, chunk, mode, dropout, ev = dense["mlp"]
+    real = H.HessianOperator.matvec
+    monkeypatch.setattr(H.HessianOperator, "matvec", lambda self, v: 1.01 * real(self, v))
+    assert 5e-3 < H.check_hvp(model, X, y, batch_size=chunk) < 2e-2
 
 
 def test_fixed_dropout_is_a_fixed_operator():
@@ -184,8 +191,11 @@ def test_trace_within_three_standard_errors(dense):
     for name in ("mlp", "conv_bn_train"):
         model, X, y, chunk, mode, dropout, ev = dense[name]
         est, se = H.hessian_trace(model, X, y, batch_size=chunk, mode=mode, samples=200, dtype=F64)
-        assert se > 0
         assert abs(est - ev.sum().item()) < 3 * se, (name, est, se, ev.sum().item())
+        # the standard error is that of a mean of 200 Rademacher probes: Var(z'Hz) = 2 (||H||_F^2 - sum H_ii^2)
+        dense_h = reference_hessian(model, X, y, chunk, mode == "train" and name == "conv_bn_train")
+        var = 2 * (float((dense_h ** 2).sum()) - float((dense_h.diagonal() ** 2).sum()))
+        assert 0.7 < se / math.sqrt(var / 200) < 1.3, (name, se, math.sqrt(var / 200))
 
 
 def test_spectral_density(dense):
@@ -256,10 +266,10 @@ def test_bad_data_and_parameters():
 
 def test_no_tf32_context_restores_flags():
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     with H.no_tf32():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    assert torch.backends.cudnn.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
@@ -283,9 +293,21 @@ def test_lanczos_start_vector():
 
 
 def test_lanczos_leaves_matvec_output_alone():
-    """An operator may return a tensor it keeps (here: the identity returns its input)."""
-    spec = H.lanczos(lambda v: v, 20, k=2, tol=1e-8, dtype=F64)
+    """An operator may return a tensor it keeps (the identity returns its input; a cache its entry)."""
+    spec = H.lanczos(lambda v: v, 20, k=2, tol=1e-8, dtype=F64, eigenvectors=True)
     assert spec.converged and np.allclose(spec.eigenvalues, [1.0, 1.0])
+    assert torch.allclose(spec.eigenvectors.norm(dim=1), torch.ones(2, dtype=F64))
+    A = torch.diag(torch.linspace(1, 2, 30, dtype=F64))
+    returned = []
+
+    def kept(v):
+        out = A @ v
+        returned.append((out, out.clone()))
+        return out
+
+    spec = H.lanczos(kept, 30, tol=1e-8, dtype=F64)
+    assert spec.converged and abs(spec.eigenvalues[0] - 2.0) < 1e-8
+    assert all(torch.equal(out, copy) for out, copy in returned)
 
 
 @pytest.mark.parametrize("shape, affine", [((6, 5), True), ((6, 5, 3), False), ((3, 4, 2, 2), True)])
@@ -428,8 +450,8 @@ def test_integer_inputs_stay_integer():
 
 
 @pytest.mark.parametrize("layer, shape", [
-    (torch.nn.Dropout2d, (4, 6, 5, 5)), (torch.nn.Dropout2d, (4, 6, 5)), (torch.nn.Dropout1d, (4, 6, 5)),
-    (torch.nn.Dropout1d, (6, 5)), (torch.nn.Dropout3d, (2, 6, 3, 3, 3)), (torch.nn.Dropout3d, (6, 3, 3, 3))])
+    (torch.nn.Dropout2d, (4, 12, 5, 5)), (torch.nn.Dropout2d, (4, 12, 5)), (torch.nn.Dropout1d, (4, 12, 5)),
+    (torch.nn.Dropout1d, (12, 5)), (torch.nn.Dropout3d, (2, 12, 3, 3, 3)), (torch.nn.Dropout3d, (12, 3, 3, 3))])
 def test_fixed_dropout_keeps_channel_structure(layer, shape):
     """dropout='fixed' draws masks the way the layer does: Dropout1d/2d/3d drop whole channels."""
     native = layer(0.5).train()
@@ -445,7 +467,28 @@ def test_fixed_dropout_keeps_channel_structure(layer, shape):
     for o in (native_out, out):  # constant within each channel, for the native layer and ours alike
         flat = o.reshape(*shape[:channel_dims], -1)
         assert torch.equal(flat.amin(-1), flat.amax(-1))
-    assert set(out.unique().tolist()) <= {0.0, 2.0}
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    # ... and drawn per channel (and per sample): not one mask shared by all
+    per_channel = out.reshape(*shape[:channel_dims], -1)[..., 0].reshape(-1)
+    assert len(per_channel) >= 6 and 0 < int((per_channel == 0).sum()) < len(per_channel)
+    if channel_dims == 2:  # batched input: samples differ too
+        masks = out.reshape(shape[0], shape[1], -1)[..., 0]
+        assert not all(torch.equal(masks[0], m) for m in masks[1:])
+
+
+def test_fixed_dropout_is_element_wise_for_dropout():
+    """nn.Dropout draws every element, as the native layer does, and the draw depends on the chunk."""
+    model = torch.nn.Sequential(torch.nn.Dropout(0.5))
+    fixed, state = H._measurement_copy(model, "train", "fixed", None, seed=1)
+    ones = torch.ones(8, 50)
+    out = fixed[0](ones)
+    assert set(out.unique().tolist()) == {0.0, 2.0}
+    assert 0.3 < float((out == 0).float().mean()) < 0.7
+    assert all(0 < int((row == 0).sum()) < 50 for row in out)  # within each example, not one per example
+    assert all(0 < int((col == 0).sum()) < 8 for col in out.T[:10])  # and not one mask for all examples
+    assert torch.equal(out, fixed[0](ones))
+    state["chunk"] = 1
+    assert not torch.equal(out, fixed[0](ones))
 
 
 def test_fixed_dropout_edge_cases():
@@ -453,7 +496,12 @@ def test_fixed_dropout_edge_cases():
     X, y = data(20, (12,), 4)
     model = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.Dropout(1.0), torch.nn.Linear(6, 4))
     op = H.HessianOperator(model, X, y, batch_size=10, dropout="fixed", dtype=F64)
-    assert torch.isfinite(op.matvec(torch.ones(op.numel, dtype=F64))).all()
+    hv = op.matvec(torch.ones(op.numel, dtype=F64))
+    assert torch.isfinite(hv).all()
+    assert torch.count_nonzero(hv[:12 * 6 + 6]) == 0  # nothing reaches the first layer: zeros, not 0/0
+    assert torch.count_nonzero(op.model[1](torch.ones(3, 6, dtype=F64))) == 0
+    kept = H.HessianOperator(model, X, y, batch_size=10, dropout="off", dtype=F64)
+    assert torch.count_nonzero(kept.matvec(torch.ones(op.numel, dtype=F64))[:12 * 6 + 6]) > 0
     alpha = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.AlphaDropout(0.2), torch.nn.Linear(6, 4))
     with pytest.raises(ValueError, match="AlphaDropout is not supported"):
         H.HessianOperator(alpha, X, y, batch_size=10, dropout="fixed")

@@ -365,6 +365,11 @@ def test_finding_4_rule():
     assert verdicts(findings.finding_4, drop[:2]) == ["not enough runs", "not enough runs"]  # p <= 0.2 is not "very high"
     drop[2] = cell(0.1, 32, 12, 0.875, "mlp_p=7e-1")
     assert verdicts(findings.finding_4, drop) == ["not supported", "not supported"]
+    # λmax at the top p between the others is not "below every smaller p"; accuracy is compared with
+    # the best smaller p (here p=0.2), not the first
+    mixed = [cell(0.1, 32, 9, 0.80, "mlp_p=0"), cell(0.1, 32, 7, 0.88, "mlp_p=2e-1"),
+             cell(0.1, 32, 8, 0.81, "mlp_p=7e-1")]
+    assert verdicts(findings.finding_4, mixed) == ["supported", "not supported"]
 
 
 def test_finding_5_rule():

@@ -304,9 +304,8 @@ def test_killed_sweep_resumes_without_redoing_finished_runs(tmp_path, capsys):
     after = summaries(tmp_path / "res")
     for d, (finished_at, mtime) in before.items():
         assert after[d]["finished_at"] == finished_at and (d / results.SUMMARY).stat().st_mtime_ns == mtime
-    for d, state in zip(sweep.sweep_run_dirs(path), mid):
-        if state == "interrupted":  # killed after a checkpoint: continued from it
-            assert after[d]["resumed"] is True
+    for d, state in zip(sweep.sweep_run_dirs(path), mid):  # killed after a checkpoint: continued from it;
+        assert after[d]["resumed"] is (state == "interrupted")  # never started or finished: not resumed
 
 
 def wait_group_gone(pgid, timeout=30):
