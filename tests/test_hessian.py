@@ -537,10 +537,11 @@ def test_an_eigenvector_among_the_start_vectors_does_not_end_the_search():
 
 
 def _noisy_operator(n: int, noise: float, noisy_calls: int, seed: int = 0):
-    """A symmetric matrix whose first `noisy_calls` products carry fresh noise (like rounding) of size noise."""
+    """A float32 symmetric matrix whose first `noisy_calls` products carry fresh noise of norm `noise`
+    (like rounding, which the Lanczos bookkeeping cannot see)."""
     g = np.random.default_rng(seed)
     Q, _ = np.linalg.qr(g.standard_normal((n, n)))
-    A = torch.tensor(Q @ np.diag(np.linspace(0.1, 1.0, n) ** 3) @ Q.T)
+    A = torch.tensor(Q @ np.diag(np.linspace(0.1, 1.0, n) ** 3) @ Q.T, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     calls = [0]
 
@@ -548,45 +549,47 @@ def _noisy_operator(n: int, noise: float, noisy_calls: int, seed: int = 0):
         calls[0] += 1
         out = A @ v
         if calls[0] <= noisy_calls:
-            out = out + noise * torch.randn(n, generator=gen, dtype=F64) / math.sqrt(n)
+            out = out + noise * torch.randn(n, generator=gen) / math.sqrt(n)
         return out
 
     return A, matvec, calls
 
 
 def _true_residual(A, spec) -> float:
-    u, lam = spec.eigenvectors[0], spec.eigenvalues[0]
-    return float((A @ u - lam * u).norm() / abs(lam))
+    u, lam = spec.eigenvectors[0].double(), spec.eigenvalues[0]
+    return float((A.double() @ u - lam * u).norm() / abs(lam))
 
 
 def test_restarted_search_reports_true_residuals():
-    """After a thick restart the converged Ritz vector is multiplied again: the residual is the true one."""
+    """After a float32 thick restart the converged Ritz vector is multiplied again: its residual is true."""
     A, matvec, calls = _noisy_operator(200, 0.0, 0)
-    spec = H.lanczos(matvec, 200, tol=1e-9, dtype=F64, max_basis=12, eigenvectors=True)
+    spec = H.lanczos(matvec, 200, tol=1e-3, max_basis=12, eigenvectors=True)
     assert spec.converged and spec.extra["residuals_checked"] == 1 and spec.matvecs == calls[0]
-    assert spec.residuals[0] == pytest.approx(_true_residual(A, spec), rel=1e-6)
-    easy = H.lanczos(lambda v: A @ v, 200, tol=1e-2, dtype=F64)  # no restart: nothing to check
+    assert spec.residuals[0] == pytest.approx(_true_residual(A, spec), rel=1e-3)
+    easy = H.lanczos(lambda v: A @ v, 200, tol=1e-2)  # no restart: nothing to check
     assert easy.converged and easy.matvecs < 40 and easy.extra["residuals_checked"] == 0
+    f64 = H.lanczos(lambda v: A.double() @ v, 200, tol=1e-3, max_basis=12, dtype=F64)
+    assert f64.converged and f64.extra["residuals_checked"] == 0  # float64 bookkeeping does not drift
 
 
 def test_a_failed_check_restarts_from_the_ritz_vector():
-    """Products that drift from the bookkeeping (here: noise in the first 60) fail the check; the search
+    """Products that drift from the bookkeeping (here: noise in the first 15) fail the check; the search
     restarts from the Ritz vector with exact products and its reported residual is the true one."""
-    A, matvec, calls = _noisy_operator(200, 1e-7, 60)
-    spec = H.lanczos(matvec, 200, tol=1e-9, dtype=F64, max_basis=12, eigenvectors=True)
-    assert spec.converged and spec.extra["residuals_checked"] >= 1
-    assert _true_residual(A, spec) < 1e-9
-    assert abs(spec.eigenvalues[0] - 1.0) < 1e-9
+    A, matvec, calls = _noisy_operator(200, 1e-2, 15)
+    spec = H.lanczos(matvec, 200, tol=1e-4, max_basis=12, eigenvectors=True)
+    assert spec.converged and spec.extra["residuals_checked"] >= 2  # one failed, the last passed
+    assert _true_residual(A, spec) < 1.2e-4
+    assert abs(spec.eigenvalues[0] - 1.0) < 1e-5
 
 
 def test_products_too_coarse_for_tol_end_unconverged_with_the_true_residual():
-    """Every product off by about 1e-6 (like rounding): the bookkeeping's residual falls below 1e-7, the
+    """Every product off by about 1e-3 (like rounding): the bookkeeping's residual falls below 1e-5, the
     products' cannot; after three failed checks the search ends unconverged with the checked residual."""
-    A, matvec, calls = _noisy_operator(200, 1e-6, 10 ** 9)
+    A, matvec, calls = _noisy_operator(200, 1e-3, 10 ** 9)
     with pytest.warns(RuntimeWarning, match="fresh products kept the true residuals above tol"):
-        spec = H.lanczos(matvec, 200, tol=1e-7, dtype=F64, max_basis=12, max_matvecs=2000)
+        spec = H.lanczos(matvec, 200, tol=1e-5, max_basis=12, max_matvecs=2000)
     assert not spec.converged and spec.extra["residuals_checked"] == 3 and spec.matvecs < 2000
-    assert 1e-7 < spec.residuals[0] < 1e-5
+    assert 1e-5 < spec.residuals[0] < 1e-2
 
 
 def test_float32_eigenvalue_at_zero_says_what_limits_it():

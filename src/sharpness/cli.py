@@ -98,7 +98,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     add_flag(o, "between_iterates", "λmax = max over 8 points between the final iterate and one "
              "more step (BN nets at small learning rates) (default: False)")
     o.add_argument("--save_freq", type=positive_int, default=10,
-                   help="save snapshot_{epoch} and metric files every this many epochs (default: 10)")
+                   help="train: save snapshot_{epoch} and metric files every this many epochs (default: 10)")
     a = p.add_argument_group("added options")
     a.add_argument("--max_epochs", type=positive_int, default=None,
                    help="stop after this many epochs even if acc_goal is not reached (default: none)")
@@ -106,9 +106,10 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="also measure λmax every this many steps into eigs.csv (default: 0 = off)")
     a.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
     add_flag(a, "quiet", "no progress bars or per-epoch lines (default: False)")
-    add_flag(a, "force", "train again even if the run has finished (default: False)")
-    add_flag(a, "channels_last", "channels-last memory format (speed only) (default: False)")
-    add_flag(a, "compile", "torch.compile the training steps (speed only) (default: False)")
+    add_flag(a, "force", "train: train again even if the run has finished (default: False)")
+    add_flag(a, "channels_last", "train: channels-last memory format (speed only) (default: False)")
+    add_flag(a, "compile", "train: torch.compile the training steps and per-epoch evaluation (speed only) "
+             "(default: False)")
     add_flag(a, "tf32", "CHANGES NUMERICS: allow TF32 matmuls/convolutions in training (default: False)")
     add_flag(a, "bf16", "CHANGES NUMERICS: bfloat16 autocast in training (default: False)")
 
@@ -180,7 +181,10 @@ def commands() -> list[tuple[str, str, str, object, object]]:
          add_run_arguments, cmd_train),
         ("eval", "test accuracy and λmax of a finished run",
          "Load snapshot_final of a finished run and print "
-         "[final test accuracy = ...]\\t[max hessian eigenvalue = ...].", add_run_arguments, cmd_eval),
+         "[final test accuracy = ...]\\t[max hessian eigenvalue = ...]. The arguments name the run as "
+         "train did (the same values find the same directory); λmax is measured anew with "
+         "--abridged_size, --disable_dropout and --between_iterates. --force, --save_freq, "
+         "--channels_last and --compile act in train only.", add_run_arguments, cmd_eval),
         ("data", "download and prepare datasets into $DATASETS",
          "Download (with torchvision's checksums) and prepare datasets.", add_data_arguments, cmd_data),
         ("measure", "more Hessian measurements of a finished run",
