@@ -605,3 +605,27 @@ def test_float32_eigenvalue_at_zero_says_what_limits_it():
     assert not spec.converged
     top = H.lambda_max(model, X, y, batch_size=500)
     assert abs(spec.eigenvalues[0]) < 1e-5 * top
+
+
+def test_a_product_inside_the_basis_does_not_become_a_direction():
+    """-2·I: every product lies in the basis; its float32 rounding remainder must not be normalized into
+    a new basis vector (that broke orthogonality and gave 15.0 for an eigenvalue of -2)."""
+    spec = H.lanczos(lambda v: -2 * v, 10, k=2, block=5, tol=1e-3, eigenvectors=True)
+    assert spec.converged and np.allclose(spec.eigenvalues, [-2, -2], atol=1e-5)
+    assert torch.allclose(spec.eigenvectors.norm(dim=1), torch.ones(2), atol=1e-5)
+    spec = H.lanczos(lambda v: -2 * v, 200, k=2, block=5, which="SA", tol=0.079, max_basis=51, seed=1)
+    assert np.allclose(spec.eigenvalues, [-2, -2], atol=1e-5)
+
+
+def test_a_full_basis_is_checked_too():
+    """n below the basis size: the bookkeeping says residual 0, but float32 products cannot give 1e-6
+    relative to a λmin at zero; the checks say so instead of claiming convergence."""
+    n = 30
+    Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))
+    A = torch.tensor((Q * np.linspace(0, 1, n)) @ Q.T, dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        spec = H.lanczos(lambda v: A @ v, n, which="SA", tol=1e-6)
+    assert not spec.converged and spec.residuals[0] > 1e-6 and spec.extra["residuals_checked"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a zero operator: no division by zero on the way
+        assert H.lanczos(lambda v: 0 * v, 50).eigenvalues == [0.0]

@@ -405,14 +405,22 @@ class NonFiniteError(ValueError):
     """A Hessian-vector product with NaN or infinite entries."""
 
 
-def _orthogonal_step(basis: _Basis, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float]:
-    """Orthogonalize w against the basis; coefficients and norm reach the host in one transfer."""
-    w, c = basis.orthogonalize(w)
-    host = torch.cat([c, w.norm().reshape(1)]).double().cpu().numpy()
+def _orthogonal_step(basis: _Basis, w: torch.Tensor) -> tuple[torch.Tensor, np.ndarray, float, bool]:
+    """Orthogonalize w against the basis (two passes): w, the coefficients, the norm left, and whether
+    w lies in the basis to working precision; the numbers reach the host in one transfer.
+
+    Kahan's rule: when the second pass still removes half of what the first left, that remainder is
+    rounding error of the first pass, not a direction; normalizing it would break orthogonality.
+    """
+    w = w.clone()
+    c = basis._project_out(w)
+    first = w.norm().reshape(1)
+    c = c + basis._project_out(w)
+    host = torch.cat([c, first, w.norm().reshape(1)]).double().cpu().numpy()
     if not np.isfinite(host).all():  # NaN or inf anywhere in w reaches these numbers
         raise NonFiniteError("a Hessian-vector product is not finite (NaN or inf): the loss surface "
                              "overflows at these parameters")
-    return w, host[:-1], float(host[-1])
+    return w, host[:-2], float(host[-1]), bool(host[-1] <= 0.5 * host[-2])
 
 
 def _check_k_tol(k: int, tol: float) -> None:
@@ -437,7 +445,9 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     largest eigenvalue, converged Ritz vectors are multiplied once more and their true residuals
     decide (and are reported); a failed check restarts the search from them, three checks at most.
     The first start vector is `start` when given (any nonzero vector), the others are random
-    vectors drawn from `seed`. `max_matvecs` bounds the search; a check may add `block` products.
+    vectors drawn from `seed`; a residual shows that λ is an eigenvalue, not the largest, so a start
+    vector that is an eigenvector can end the search at its own eigenvalue. `max_matvecs` bounds the
+    search; a check may add `block` products.
     """
     _check_k_tol(k, tol)
     if k > n:
@@ -466,12 +476,12 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
             w = matvec(basis.row(p))
             matvecs += 1
         m = basis.m
-        w, c, beta = _orthogonal_step(basis, w)
+        w, c, beta, dependent = _orthogonal_step(basis, w)
         T[:m, p] = c
         T[p, :m] = c
         theta, S = np.linalg.eigh(T[:p + 1, :p + 1])
         full = m == n  # nothing is left outside the basis
-        if not full and beta <= 1e-12 * max(np.abs(theta).max(), 1e-30):
+        if not full and (dependent or beta <= 1e-12 * max(np.abs(theta).max(), 1e-30)):
             # H v_p lies in the basis: continue from a fresh direction (no coupling to the others)
             w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
             w, beta_new = w / w.norm(), 0.0
@@ -486,15 +496,16 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         # residual of a Ritz vector V_p s: the part of H V_p s outside V_p, T[p:m+1, :p] s (orthonormal V)
         scale = np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30)
         rel = np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0) / scale
-        # every start vector multiplied first: an eigenvector among them must not end the search alone
+        # every start vector multiplied first (a residual says λ is an eigenvalue, not the largest: a
+        # start vector that is an eigenvector ends the search if no other Ritz value beats it)
         exact = full and p == m
         if len(idx) == k and p >= width and not pending and (np.all(rel < tol) or exact):
             # restarted bookkeeping drifts by about a hundred rounding units of the largest eigenvalue
             # (measured), which matters when tol·|λ| is within 1e5 of them (float32: 1.2e-2·λmax);
             # within 1e3, any bookkeeping may be finer than the products themselves
-            units = tol * scale / (eps * np.abs(theta).max())
+            units = tol * scale / (eps * max(np.abs(theta).max(), 1e-300))
             drift = (restarted or checks) and np.any(units < 1e5)
-            if exact or not (drift or np.any(units < 1e3)):
+            if not (drift or np.any(units < 1e3)):  # a full basis too: its products carry rounding
                 converged = True
                 break
             # a restarted bookkeeping (or one after a failed check), or a residual near the rounding
@@ -601,10 +612,10 @@ def lanczos_tridiagonal(matvec, v0: torch.Tensor, steps: int) -> tuple[np.ndarra
     basis.append(v0 / v0.norm())
     T = np.zeros((steps, steps))
     for j in range(steps):
-        w, c, beta = _orthogonal_step(basis, matvec(basis.row(j)))
+        w, c, beta, dependent = _orthogonal_step(basis, matvec(basis.row(j)))
         T[:j + 1, j] = c
         T[j, :j + 1] = c
-        if j + 1 == steps or beta <= 1e-12 * max(np.abs(np.diag(T)).max(), 1e-30):
+        if j + 1 == steps or dependent or beta <= 1e-12 * max(np.abs(np.diag(T)).max(), 1e-30):
             break
         basis.append(w / beta)
     m = basis.m
