@@ -371,14 +371,16 @@ class _Basis:
             w.addmv_(rows.t(), c, alpha=-1)
         return torch.cat(coeffs)
 
-    def orthogonalize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """w minus its projection on the basis (classical Gram-Schmidt twice), and the coefficients.
+    def orthogonalize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w minus its projection on the basis (classical Gram-Schmidt twice), the coefficients, and
+        the norm the first pass left (for Kahan's test in `_orthogonal_step`).
 
-        The coefficients stay on w's device; w itself is left unchanged.
+        The numbers stay on w's device; w itself is left unchanged.
         """
         w = w.clone()
         c = self._project_out(w)
-        return w, c + self._project_out(w)
+        first = w.norm()
+        return w, c + self._project_out(w), first
 
     def combinations(self, Y: np.ndarray) -> torch.Tensor:
         """The rows Y @ V (Y: p x m coefficients) as a new p x n tensor."""
@@ -412,11 +414,8 @@ def _orthogonal_step(basis: _Basis, w: torch.Tensor) -> tuple[torch.Tensor, np.n
     Kahan's rule: when the second pass still removes half of what the first left, that remainder is
     rounding error of the first pass, not a direction; normalizing it would break orthogonality.
     """
-    w = w.clone()
-    c = basis._project_out(w)
-    first = w.norm().reshape(1)
-    c = c + basis._project_out(w)
-    host = torch.cat([c, first, w.norm().reshape(1)]).double().cpu().numpy()
+    w, c, first = basis.orthogonalize(w)
+    host = torch.cat([c, first.reshape(1), w.norm().reshape(1)]).double().cpu().numpy()
     if not np.isfinite(host).all():  # NaN or inf anywhere in w reaches these numbers
         raise NonFiniteError("a Hessian-vector product is not finite (NaN or inf): the loss surface "
                              "overflows at these parameters")
@@ -466,7 +465,7 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     basis = _basis_start(n, gen, device, dtype, start, width)
     T = np.zeros((max_basis + 1, max_basis + 1))  # V^T H V; column j is known once v_j is multiplied
     p, matvecs, converged = 0, 0, False  # rows 0..p-1 of the basis are multiplied, the rest wait
-    restarted, checks, limit = False, 0, False
+    restarted, checks = False, 0
     eps = torch.finfo(dtype).eps
     pending: list[torch.Tensor] = []  # products already known for the next rows (after a failed check)
     while True:
@@ -483,7 +482,7 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         full = m == n  # nothing is left outside the basis
         if not full and (dependent or beta <= 1e-12 * max(np.abs(theta).max(), 1e-30)):
             # H v_p lies in the basis: continue from a fresh direction (no coupling to the others)
-            w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
+            w = basis.orthogonalize(_random_unit(n, gen, device, dtype))[0]
             w, beta_new = w / w.norm(), 0.0
         else:
             beta_new = beta
@@ -494,7 +493,7 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
         order = np.argsort(-theta) if which == "LA" else np.argsort(theta)
         idx = order[:k]
         # residual of a Ritz vector V_p s: the part of H V_p s outside V_p, T[p:m+1, :p] s (orthonormal V)
-        scale = np.maximum(np.maximum(np.abs(theta[idx]), floor * np.abs(theta).max()), 1e-30)
+        scale = _scale(theta, idx, floor)
         rel = np.linalg.norm(T[p:m + 1, :p] @ S[:, idx], axis=0) / scale
         # every start vector multiplied first (a residual says λ is an eigenvalue, not the largest: a
         # start vector that is an eigenvector ends the search if no other Ritz value beats it)
@@ -518,7 +517,6 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
                 converged = True
                 break
             if checks == 3 or matvecs >= max_matvecs:
-                limit = checks == 3
                 break
             # restart from the Ritz vectors, whose products are known: fresh, exact bookkeeping
             basis = _Basis(n, device, dtype)
@@ -552,9 +550,10 @@ def lanczos(matvec, n: int, *, k: int = 1, which: str = "LA", tol: float = 1e-3,
     vectors = basis.combinations(Y) if eigenvectors else None
     if not converged:
         why, bits = "", torch.finfo(dtype).bits
-        if _near_zero(theta, idx, floor) and tol * floor < 100 * eps:  # below rounding at zero
+        near_zero = np.all(np.abs(theta[idx]) <= floor * np.abs(theta).max())  # all within the floor
+        if near_zero and tol * floor < 100 * eps:  # a residual finer than rounding at zero
             why = f": within eps^(2/3)·λmax of zero, a residual this small is finer than {bits}-bit products resolve"
-        elif limit:
+        elif checks == 3:  # the third check failed
             why = f": fresh products kept the true residuals above tol; {bits}-bit products do not resolve more"
         if why and dtype != torch.float64:
             why += " (dtype=torch.float64 does)"
@@ -573,13 +572,12 @@ def _checked(matvec, basis: _Basis, theta: np.ndarray, S: np.ndarray, sel: np.nd
     U = basis.combinations(Y)
     W = [matvec(u) for u in U]
     true = torch.stack([(w - float(theta[j]) * u).norm() for w, u, j in zip(W, U, sel)])
-    scale = np.maximum(np.maximum(np.abs(theta[sel]), floor * np.abs(theta).max()), 1e-30)
-    return U, W, true.double().cpu().numpy() / scale
+    return U, W, true.double().cpu().numpy() / _scale(theta, sel, floor)
 
 
-def _near_zero(theta: np.ndarray, idx: np.ndarray, floor: float) -> bool:
-    """Whether every wanted Ritz value is within floor times the largest |Ritz value| of zero."""
-    return bool(np.all(np.abs(theta[idx]) <= floor * np.abs(theta).max()))
+def _scale(theta: np.ndarray, sel: np.ndarray, floor: float) -> np.ndarray:
+    """What residuals of the Ritz values `sel` are relative to: |λ|, or floor·max|θ| if larger."""
+    return np.maximum(np.maximum(np.abs(theta[sel]), floor * np.abs(theta).max()), 1e-30)
 
 
 def _caller_level() -> int:
@@ -601,7 +599,7 @@ def _basis_start(n, gen, device, dtype, start: torch.Tensor | None = None, width
         raise ValueError("the start vector must be finite and nonzero")
     basis.append(v / norm)
     while basis.m < width:
-        w, _ = basis.orthogonalize(_random_unit(n, gen, device, dtype))
+        w = basis.orthogonalize(_random_unit(n, gen, device, dtype))[0]
         basis.append(w / w.norm())
     return basis
 
